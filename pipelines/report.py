@@ -1,0 +1,39 @@
+"""DVC stage ``report``: the sweep's MLflow runs -> ``reports/`` tables, metrics.json and figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from study.config import ConfigError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from study.report import write_report
+    from study.tracking import connect
+
+    summary_path = Path(params.sweep.output)
+    if not summary_path.is_file():
+        print(f"error: {summary_path} not found: run the sweep first (`uv run dvc repro sweep`)", file=sys.stderr)
+        return 1
+    summary = json.loads(summary_path.read_text())
+    client, _ = connect(params.tracking)
+    metrics = write_report(summary, params.report.output_dir, client)
+    best = metrics.get("best", {})
+    print(f"report in {params.report.output_dir}/: {metrics['num_trials']} trials, best {best.get('setting')} "
+          f"val_elbo {best.get('val_elbo', float('nan')):.1f} nats, val_mse_255 {best.get('val_mse_255', float('nan')):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""DVC stage ``sweep`` (also the ``ray job submit`` entry point): Ray Tune + Optuna + ASHA, trials in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from study.config import ConfigError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from study.sweep import run_sweep  # heavy (Ray); only after the params are known to be valid
+
+    summary = run_sweep(params)
+    best = summary["best_trial"]
+    print(
+        f"sweep {summary['sweep']}: {summary['num_trials']} trials, {summary['num_early_stopped']} stopped early "
+        f"by the scheduler, {summary['num_failed']} failed; parent MLflow run {summary['parent_run_id']}"
+    )
+    if best is None:
+        print("error: no trial finished", file=sys.stderr)
+        return 1
+    print(f"best trial {best['trial_id']}: {summary['metric']} = {best['metrics'][summary['metric']]:.2f} "
+          f"with {best['config']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every stage reads its section through :func:`load_params`, so a typo, a negative ``beta`` or an unsupported
+resolution fails at load time with the offending field named, before any data is touched. Unknown keys are
+errors (``extra="forbid"``) because a silently ignored key is a silently wrong study.
+
+The file has one section per DVC stage (``prepare``, ``sweep``, ``report``) plus the sections a trial is built
+from (``model``, ``likelihood``, ``train``) and ``tracking``. A trial's configuration is :class:`TrialConfig`:
+the trial sections with the sweep's sampled values applied (:func:`resolve_trial_config`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SUPPORTED_RESOLUTIONS = (32, 64)
+
+
+class ConfigError(ValueError):
+    """``params.yaml`` (or a sweep override) is invalid; the message names each offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+class PrepareConfig(_Strict):
+    """The ``prepare`` stage: raw images -> uint8 arrays (N, H, W, 3) per split plus a manifest."""
+
+    dataset: Literal["celeba"] = "celeba"
+    # Folder holding ``img_align_celeba/`` (the aligned-and-cropped release) and ``list_eval_partition.txt``.
+    root: Path = Path("data/sample/celeba")
+    # Defaults to ``<root>/list_eval_partition.txt``; the official file splits 162,770 / 19,867 / 19,962.
+    partition_file: Path | None = None
+    resolution: int = 64
+    color: Literal["rgb"] = "rgb"
+    output: Path = Path("data/prepared/celeba")
+    # Decoding processes; JPEG decoding + bicubic resize is CPU bound and embarrassingly parallel.
+    workers: int = Field(default=1, ge=1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int) -> int:
+        if v not in SUPPORTED_RESOLUTIONS:
+            raise ValueError(f"resolution {v} is not supported; choose one of {SUPPORTED_RESOLUTIONS}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------- trial
+class ModelConfig(_Strict):
+    """The VAE. DCGAN-style convolutional encoder/decoder (Radford et al. 2016)."""
+
+    kind: Literal["vae"] = "vae"
+    latent_dim: int = Field(default=128, ge=1)  # Larsen et al. 2016 / Dorta et al. 2018 use 128 at 64x64
+    # Channels of the first encoder block; doubled at every halving of the spatial size (DCGAN uses 64).
+    width: int = Field(default=32, ge=4)
+
+
+class GaussianLikelihoodConfig(_Strict):
+    """Factorised Gaussian p(x|z) = prod_i N(x_i; mu_i(z), sigma_i^2), images in [0, 1]."""
+
+    # fixed: sigma = ``sigma`` for every pixel; learned_global: one learned sigma shared by all pixels and
+    # images (the ``learned-gamma'' of Dai & Wipf / Asperti); per_pixel: the decoder predicts sigma_i(z).
+    sigma_mode: Literal["fixed", "learned_global", "per_pixel"] = "learned_global"
+    # Used as the value (fixed) or the initial value (learned_global), in [0, 1] image units.
+    sigma: float = Field(default=0.1, gt=0.0)
+    # Floor on predicted sigma: keeps the density bounded on 8-bit data (one grey level = 1/255 ~ 0.0039).
+    min_sigma: float = Field(default=1e-3, gt=0.0)
+
+
+class LikelihoodConfig(_Strict):
+    """Which reconstruction likelihood p(x|z) a trial uses, and each family's own options."""
+
+    family: Literal["gaussian"] = "gaussian"
+    gaussian: GaussianLikelihoodConfig = GaussianLikelihoodConfig()
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    # Weight of the KL term (Higgins et al. 2017); 1 is the true ELBO. ELBO is always *reported* at beta = 1.
+    beta: float = Field(default=1.0, ge=0.0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    hflip: bool = True  # the only augmentation in Dorta et al. 2018
+    # Intra-op threads per trial; several trials share a machine, so oversubscription costs more than it buys.
+    num_threads: int = Field(default=1, ge=1)
+    # Validation images shown in the reconstruction grid and number of prior samples in the sample grid.
+    grid_size: int = Field(default=16, ge=1)
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("beta must be >= 0")
+        return v
+
+
+class TrialConfig(_Strict):
+    """Everything one training run needs; logged in full with every trial."""
+
+    data_dir: Path = Path("data/prepared/celeba")
+    model: ModelConfig = ModelConfig()
+    likelihood: LikelihoodConfig = LikelihoodConfig()
+    train: TrainConfig = TrainConfig()
+
+    def digest(self) -> str:
+        """sha256 (hex, 16 chars) of the canonical JSON of this config: a trial's reproducibility key."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+class SearchDimension(_Strict):
+    """One searched hyperparameter, addressed by its dotted path in the trial config (``train.beta``)."""
+
+    distribution: Literal["uniform", "loguniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    choices: list[Any] | None = None
+    # Only sampled when every listed path (already sampled or from the base config) has one of the values:
+    # a define-by-run, conditional space (e.g. structured-only dimensions).
+    when: dict[str, list[Any]] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SearchDimension":
+        if self.distribution == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs a non-empty 'choices' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.distribution} dimension needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
+            if self.distribution == "loguniform" and self.low <= 0:
+                raise ValueError("a loguniform dimension needs 'low' > 0")
+        return self
+
+
+class SearcherConfig(_Strict):
+    kind: Literal["optuna"] = "optuna"
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+
+
+class SchedulerConfig(_Strict):
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(default=1, ge=1)  # epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+
+
+class ResourcesConfig(_Strict):
+    cpu: float = Field(default=1.0, gt=0.0)
+    gpu: float = Field(default=0.0, ge=0.0)  # fractions let several trials share one GPU
+
+
+class SweepConfig(_Strict):
+    name: str = "celeba-gaussian"
+    num_trials: int = Field(default=6)
+    max_concurrent: int = Field(default=2, ge=1)
+    resources_per_trial: ResourcesConfig = ResourcesConfig()
+    metric: str = "val_elbo"
+    mode: Literal["min", "max"] = "max"
+    searcher: SearcherConfig = SearcherConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+    # Ray Tune's results (checkpoints, experiment state), relative to the working directory.
+    storage_path: Path = Path("ray_results")
+    output: Path = Path("results/sweep.json")
+
+    @field_validator("num_trials")
+    @classmethod
+    def _trials(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("num_trials must be at least 1")
+        return v
+
+
+class TrackingConfig(_Strict):
+    # ``MLFLOW_TRACKING_URI`` in the environment wins over this value.
+    uri: str = "sqlite:///mlflow.db"
+    artifact_root: Path = Path("mlartifacts")
+    experiment: str = "vae-blur-study"
+
+
+class ReportConfig(_Strict):
+    output_dir: Path = Path("reports")
+
+
+class StudyParams(_Strict):
+    """The whole ``params.yaml``."""
+
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    likelihood: LikelihoodConfig = LikelihoodConfig()
+    train: TrainConfig = TrainConfig()
+    sweep: SweepConfig = SweepConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _search_paths_exist(self) -> "StudyParams":
+        base = self.base_trial_config().model_dump()
+        for path in self.sweep.search_space:
+            _get_path(base, path, what=f"sweep.search_space key {path!r}")
+        return self
+
+    def base_trial_config(self) -> TrialConfig:
+        return TrialConfig(
+            data_dir=self.prepare.output, model=self.model, likelihood=self.likelihood, train=self.train
+        )
+
+
+# ------------------------------------------------------------------------------------------- functions
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml in the repository for every key)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> StudyParams:
+    """Validate an already-parsed params mapping.
+
+    Raises:
+        ConfigError: naming every invalid or unknown field, e.g. ``train.beta: ... must be >= 0``.
+    """
+    try:
+        return StudyParams.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> StudyParams:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: invalid YAML, an unknown key, or an out-of-range value (the message names the field).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, source=str(path))
+
+
+def _get_path(tree: dict[str, Any], dotted: str, what: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{what}: no such field in the trial config")
+        node = node[part]
+    return node
+
+
+def get_path(config: TrialConfig, dotted: str) -> Any:
+    """The value at a dotted path (``likelihood.family``) of a trial config."""
+    return _get_path(config.model_dump(), dotted, what=dotted)
+
+
+def resolve_trial_config(base: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
+    """Apply a sweep's sampled values (dotted path -> value) to the base trial config and re-validate.
+
+    Raises:
+        ConfigError: an override names a missing field or gives an invalid value.
+    """
+    tree = base.model_dump()
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = tree
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"override {dotted!r}: no such field in the trial config")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {dotted!r}: no such field in the trial config")
+        node[parts[-1]] = value
+    try:
+        return TrialConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, "trial overrides")) from None

@@ -1,0 +1,198 @@
+"""CelebA (aligned and cropped release) -> square images, as Larsen et al. 2016 prepare it (SPEC §3.3).
+
+Each ``img_align_celeba/*.jpg`` is 178 wide x 218 high. Larsen's VAE-GAN code (``andersbll/autoencoding_beyond
+_pixels``, ``dataset/celeba.py``), which Dorta et al. 2018 evaluate against, does:
+
+1. crop ``img[40:188, 15:163]`` (a 148 x 148 box, rows 40..187 and columns 15..162);
+2. Gaussian pre-blur with sigma = sqrt(148 / R) / 2 (0.760 for R = 64) against aliasing;
+3. bicubic (order-3 spline) resize to R x R (``skimage.transform.resize(order=3)``; the explicit pre-blur
+   replaces skimage's own anti-aliasing, which that code predates, so it is off here);
+4. round to uint8.
+
+Splits come from ``list_eval_partition.txt`` (``<file> <split>``, 0 = train, 1 = val, 2 = test; the official
+file gives 162,770 / 19,867 / 19,962).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from skimage.filters import gaussian
+from skimage.transform import resize
+from tqdm import tqdm
+
+ALIGNED_SHAPE = (218, 178)  # (H, W) of every image in img_align_celeba
+CROP_ROWS = (40, 188)
+CROP_COLS = (15, 163)
+CROP_SIZE = 148
+SPLIT_CODES = {"0": "train", "1": "val", "2": "test"}
+
+
+class CorruptImageError(ValueError):
+    """An image file cannot be decoded, or does not have the aligned CelebA shape."""
+
+
+def read_partition(path: str | Path) -> dict[str, list[str]]:
+    """Parse ``list_eval_partition.txt`` into split -> file names, in file order.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message says where CelebA ships it).
+        ValueError: a malformed line (the message gives its number and text), or a file listed twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CelebA partition file {path} not found: copy list_eval_partition.txt from the CelebA release "
+            "(Eval/list_eval_partition.txt) there, or set prepare.partition_file in params.yaml"
+        )
+    splits: dict[str, list[str]] = {name: [] for name in SPLIT_CODES.values()}
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in SPLIT_CODES:
+            raise ValueError(f"{path}:{number}: expected '<file> <0|1|2>', got {line!r}")
+        if parts[0] in seen:
+            raise ValueError(f"{path}:{number}: {parts[0]} is listed twice")
+        seen.add(parts[0])
+        splits[SPLIT_CODES[parts[1]]].append(parts[0])
+    return splits
+
+
+def larsen_crop(img: np.ndarray) -> np.ndarray:
+    """The 148 x 148 face box of an aligned CelebA image.
+
+    Args:
+        img: uint8 or float (218, 178, C), an ``img_align_celeba`` image.
+
+    Returns:
+        A view (148, 148, C): rows 40..187, columns 15..162.
+
+    Raises:
+        CorruptImageError: the image is not 218 x 178.
+    """
+    if img.shape[:2] != ALIGNED_SHAPE:
+        raise CorruptImageError(f"expected an aligned CelebA image of {ALIGNED_SHAPE} (H, W), got {img.shape[:2]}")
+    return img[CROP_ROWS[0] : CROP_ROWS[1], CROP_COLS[0] : CROP_COLS[1]]
+
+
+def preblur_sigma(resolution: int) -> float:
+    """Larsen's anti-aliasing sigma, sqrt(148 / R) / 2, in input pixels (0.760 for R = 64)."""
+    return math.sqrt(CROP_SIZE / resolution) / 2.0
+
+
+def preprocess(img: np.ndarray, resolution: int) -> np.ndarray:
+    """Crop, pre-blur and bicubic-resize one aligned image.
+
+    Args:
+        img: uint8 (218, 178, 3).
+        resolution: R, output side in pixels.
+
+    Returns:
+        uint8 (R, R, 3).
+    """
+    face = larsen_crop(img).astype(np.float64) / 255.0  # (148, 148, 3) in [0, 1]
+    face = gaussian(face, sigma=preblur_sigma(resolution), channel_axis=-1, preserve_range=True)
+    small = resize(face, (resolution, resolution, 3), order=3, anti_aliasing=False, preserve_range=True)
+    return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)  # (R, R, 3)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode one JPEG to uint8 (H, W, 3).
+
+    Raises:
+        FileNotFoundError: the file is missing (named in the message).
+        CorruptImageError: the file cannot be decoded (truncated or not an image), named in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is listed in the partition file but missing: restore it from the CelebA release "
+            "or remove its line from the partition file"
+        )
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes fully, so a truncated JPEG fails here rather than later
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise CorruptImageError(f"{path} cannot be decoded ({err}); replace the file from the release") from None
+
+
+def _prepare_one(args: tuple[str, int]) -> np.ndarray:
+    path, resolution = args
+    img = load_image(path)
+    try:
+        return preprocess(img, resolution)
+    except CorruptImageError as err:
+        raise CorruptImageError(f"{path}: {err}") from None
+
+
+def image_folder(root: str | Path) -> Path:
+    """``<root>/img_align_celeba``, checked.
+
+    Raises:
+        FileNotFoundError: naming the folder and what to put there.
+    """
+    folder = Path(root) / "img_align_celeba"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"CelebA image folder {folder} not found: put the aligned-and-cropped CelebA release there "
+            "(img_align_celeba/000001.jpg ... 202599.jpg, 178 x 218 JPEGs), or set prepare.root in params.yaml"
+        )
+    return folder
+
+
+def prepare_split(
+    folder: Path,
+    files: Sequence[str],
+    resolution: int,
+    workers: int = 1,
+    desc: str = "prepare",
+    map_fn: Callable | None = None,
+) -> np.ndarray:
+    """Decode and preprocess ``files`` from ``folder`` into uint8 (N, R, R, 3), in the given order.
+
+    With ``workers > 1`` images are decoded in that many processes. A progress bar shows images per second.
+
+    Raises:
+        FileNotFoundError / CorruptImageError: the first bad file, by name.
+    """
+    jobs = [(str(folder / name), resolution) for name in files]
+    out = np.empty((len(jobs), resolution, resolution, 3), dtype=np.uint8)
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=None)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for i, img in enumerate(pool.map(_prepare_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))):
+                out[i] = img
+                bar.update()
+    else:
+        for i, job in enumerate(jobs):
+            out[i] = _prepare_one(job)
+            bar.update()
+    bar.close()
+    return out
+
+
+def prepare_celeba(
+    root: str | Path, partition_file: str | Path | None, resolution: int, workers: int = 1
+) -> dict[str, np.ndarray]:
+    """The CelebA ``prepare`` stage's work: split -> uint8 (N, R, R, 3).
+
+    Every file is checked (existence, decodability, shape) and the first failure is raised with its name.
+
+    Raises:
+        FileNotFoundError: missing image folder, partition file or listed image.
+        CorruptImageError: an undecodable or wrongly sized image.
+    """
+    folder = image_folder(root)
+    partition = read_partition(partition_file or Path(root) / "list_eval_partition.txt")
+    return {
+        split: prepare_split(folder, files, resolution, workers, desc=f"celeba {split}")
+        for split, files in partition.items()
+    }

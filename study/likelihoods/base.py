@@ -1,0 +1,52 @@
+"""The interface every reconstruction likelihood p(x | z) implements.
+
+A likelihood turns the decoder's raw output ``params`` (B, P, H, W) into a distribution over images x
+(B, C, H, W) in [0, 1]. ``log_prob`` is in **nats per image, summed over pixels and channels, with every
+normalising constant and log-determinant included**, so ELBOs of different likelihoods over the same pixel
+space compare directly (DESIGN.md, "The likelihood interface").
+
+Families that are *not* normalised densities (perceptual or frequency losses used as reconstruction terms)
+set ``elbo_valid = False``; their ``log_prob`` is minus a loss, and reports never rank them by NLL.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+class Likelihood(nn.Module, ABC):
+    """Base class of reconstruction likelihoods p(x | z).
+
+    Subclasses own only the maths of p(x | z); priors on its parameters and extra training terms live in
+    ``study.objectives`` and read them through accessors.
+    """
+
+    #: True when ``log_prob`` is a normalised log-density, so ``elbo`` and NLL are meaningful.
+    elbo_valid: bool = True
+
+    @abstractmethod
+    def param_channels(self, image_channels: int) -> int:
+        """Decoder output channels per pixel needed for images of ``image_channels`` channels."""
+
+    @abstractmethod
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """log p(x | z) per image.
+
+        Args:
+            x: images, float (B, C, H, W) in [0, 1].
+            params: decoder output, float (B, param_channels(C), H, W), unconstrained.
+
+        Returns:
+            float (B,) in nats per image (summed over all modelled dimensions).
+        """
+
+    @abstractmethod
+    def mean(self, params: Tensor) -> Tensor:
+        """E[x | z], float (B, C, H, W), nominally in [0, 1] (not clipped)."""
+
+    @abstractmethod
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw x ~ p(x | z), float (B, C, H, W), not clipped to [0, 1]."""

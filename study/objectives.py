@@ -1,0 +1,56 @@
+"""Training objectives: the (beta-)ELBO and its parts.
+
+For an image x with D modelled dimensions, q(z|x) = N(mu, diag(sigma^2)) and p(z) = N(0, I):
+
+    ELBO(x) = E_q[log p(x | z)] - KL(q(z | x) || p(z))                          (Kingma & Welling 2014, Eq. 3)
+    KL      = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)                 (ibid., Appendix B)
+    loss    = -(E_q[log p(x | z)] - beta * KL)                                   (Higgins et al. 2017, Eq. 4)
+
+The ELBO is always *reported* with beta = 1 (as Dorta et al. 2018 evaluate beta-VAE), in nats per image and as
+bits per dimension, -ELBO / (D ln 2), an upper bound on the NLL in bits per dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per row.
+
+    Args:
+        mu, logvar: float (B, d).
+
+    Returns:
+        float (B,), nats, >= 0.
+    """
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Convert nats per image to bits per dimension: nats / (D ln 2)."""
+    return nats / (num_dims * math.log(2.0))
+
+
+@dataclass
+class ElboTerms:
+    """Per-image terms of one Monte Carlo (single z sample) ELBO estimate, all float (B,) in nats."""
+
+    log_likelihood: Tensor  # log p(x | z)
+    kl: Tensor  # KL(q(z|x) || p(z))
+
+    @property
+    def elbo(self) -> Tensor:
+        return self.log_likelihood - self.kl
+
+    def loss(self, beta: float) -> Tensor:
+        """Scalar beta-VAE loss, mean over the batch: -(log p(x|z) - beta * KL)."""
+        return -(self.log_likelihood - beta * self.kl).mean()
+
+
+def elbo_terms(log_likelihood: Tensor, mu: Tensor, logvar: Tensor) -> ElboTerms:
+    """Bundle log p(x|z) (B,) with the analytic KL of q(z|x) = N(mu, exp(logvar)) (B, d) against N(0, I)."""
+    return ElboTerms(log_likelihood=log_likelihood, kl=kl_standard_normal(mu, logvar))

@@ -1,0 +1,191 @@
+"""Sweep report: MLflow runs -> pandas -> tables, ``metrics.json`` and figures in ``reports/``.
+
+The runs are read back through the MLflow client (the tracking store is the source of truth, not Ray's result
+files), so the report agrees with what ``mlflow ui`` shows. Outputs (all written atomically):
+
+- ``trials.csv``: one row per trial: run id, Ray trial id, status, epochs run, early stop, the sampled
+  parameters and the last epoch's metrics;
+- ``summary.md``: the best trial per likelihood setting (family and its main option) by the sweep's metric,
+  with ELBO, KL, bits per dimension and MSE on [0, 255];
+- ``metrics.json``: the best trial's metrics and the sweep's counts, for ``dvc metrics show``;
+- ``best_reconstructions.png``: the best trial's validation reconstructions below their inputs, with prior
+  samples beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written by a pipeline stage
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from study.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+# The option that distinguishes settings within a family (a row of the summary table).
+SETTING_PARAMS = {"gaussian": "params.likelihood.gaussian.sigma_mode"}
+SUMMARY_METRICS = ["val_elbo", "val_kl", "val_log_likelihood", "val_bits_per_dim", "val_mse_255"]
+
+
+def load_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """The sweep's child runs as a DataFrame (MLflow's ``search_runs`` layout: ``params.*``, ``metrics.*``,
+    ``tags.*`` columns), sorted by start time."""
+    runs = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            max_results=1000,
+            page_token=page_token,
+        )
+        runs += page
+        page_token = page.token
+        if not page_token:
+            break
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "start_time": run.info.start_time,
+        }
+        row |= {f"params.{k}": v for k, v in run.data.params.items()}
+        row |= {f"metrics.{k}": v for k, v in run.data.metrics.items()}
+        row |= {f"tags.{k}": v for k, v in run.data.tags.items()}
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("start_time").reset_index(drop=True) if len(frame) else frame
+
+
+def trials_table(runs: pd.DataFrame, sampled: list[str]) -> pd.DataFrame:
+    """One row per trial with its status, sampled parameters and final metrics."""
+    table = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "trial_id": runs.get("tags.ray_trial_id"),
+            "status": runs["status"],
+            "family": runs.get("tags.likelihood_family"),
+            "elbo_valid": runs.get("tags.elbo_valid"),
+            "epochs_run": pd.to_numeric(runs.get("tags.epochs_run"), errors="coerce"),
+            "early_stopped": runs.get("tags.early_stopped"),
+        }
+    )
+    for path in sampled:
+        if f"params.{path}" in runs:
+            table[path] = runs[f"params.{path}"]
+    metric_cols = sorted(c for c in runs.columns if c.startswith("metrics."))
+    for col in metric_cols:
+        table[col.removeprefix("metrics.")] = runs[col]
+    return table
+
+
+def _setting(row: pd.Series, runs_row: pd.Series) -> str:
+    family = row["family"]
+    col = SETTING_PARAMS.get(family)
+    return f"{family} ({runs_row[col]})" if col and col in runs_row else str(family)
+
+
+def best_per_setting(table: pd.DataFrame, runs: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Best finished trial of each likelihood setting by ``metric``; non-ELBO families are never ranked by an
+    ELBO-based metric (they are listed with the metric left out)."""
+    finished = table[(table["status"] == "FINISHED") & table[metric].notna()].copy()
+    if finished.empty:
+        return finished
+    finished["setting"] = [_setting(r, runs.loc[i]) for i, r in finished.iterrows()]
+    ascending = mode == "min"
+    best = finished.sort_values(metric, ascending=ascending).groupby("setting", sort=False).head(1)
+    return best.sort_values(metric, ascending=ascending)
+
+
+def _markdown_table(frame: pd.DataFrame, columns: list[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
+    lines = []
+    for _, row in frame.iterrows():
+        cells = []
+        for col in columns:
+            value = row.get(col)
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _figure(client: MlflowClient, run_id: str, title: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        recon = plt.imread(client.download_artifacts(run_id, "images/reconstructions.png", tmp))
+        samples = plt.imread(client.download_artifacts(run_id, "images/samples.png", tmp))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [recon.shape[1], samples.shape[1]]})
+        axes[0].imshow(recon)
+        axes[0].set_title("validation inputs (odd rows) and reconstructions E[x | mu(x)] (even rows)", fontsize=9)
+        axes[1].imshow(samples)
+        axes[1].set_title("prior samples E[x | z], z ~ N(0, I)", fontsize=9)
+        for ax in axes:
+            ax.axis("off")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        out = Path(tmp) / "figure.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out.read_bytes()
+
+
+def write_report(summary: dict[str, Any], output_dir: str | Path, client: MlflowClient) -> dict[str, Any]:
+    """Write every report file for the sweep ``summary`` (``results/sweep.json``) into ``output_dir``.
+
+    Returns:
+        The content of ``metrics.json``.
+
+    Raises:
+        RuntimeError: the sweep has no runs in MLflow (wrong tracking URI?).
+    """
+    output_dir = Path(output_dir)
+    runs = load_runs(client, summary["experiment_id"], summary["parent_run_id"])
+    if runs.empty:
+        raise RuntimeError(
+            f"no child runs of sweep run {summary['parent_run_id']} in MLflow at {summary['tracking_uri']}: "
+            "is MLFLOW_TRACKING_URI / tracking.uri the store the sweep logged to?"
+        )
+    sampled = sorted({k for t in summary["trials"] for k in t["config"]})
+    table = trials_table(runs, sampled)
+    atomic_write_text(output_dir / "trials.csv", table.to_csv(index=False))
+
+    metric, mode = summary["metric"], summary["mode"]
+    best = best_per_setting(table, runs, metric, mode)
+    columns = ["setting", "run_id", "epochs_run"] + [m for m in SUMMARY_METRICS if m in best]
+    failed = table[table["status"] == "FAILED"]
+    md = [
+        f"# Sweep `{summary['sweep']}`\n",
+        f"{len(table)} trials in MLflow (parent run `{summary['parent_run_id']}`): "
+        f"{int((table['status'] == 'FINISHED').sum())} finished "
+        f"({int((table['early_stopped'] == 'true').sum())} stopped early by the scheduler), {len(failed)} failed.",
+        f"Selection metric: `{metric}` ({mode}). ELBO and KL in nats per image; bits per dimension = -ELBO / (D ln 2);",
+        "MSE per pixel on the [0, 255] scale.\n",
+        "## Best trial per likelihood setting\n",
+        _markdown_table(best, columns) if not best.empty else "No trial finished.\n",
+    ]
+    if not failed.empty:
+        md += ["\n## Failed trials\n", _markdown_table(failed.assign(reason=runs.loc[failed.index].get("tags.failure_reason")),
+                                                       ["run_id", "trial_id", "reason"])]
+    atomic_write_text(output_dir / "summary.md", "\n".join(md))
+
+    metrics: dict[str, Any] = {
+        "num_trials": int(len(table)),
+        "num_finished": int((table["status"] == "FINISHED").sum()),
+        "num_failed": int(len(failed)),
+        "num_early_stopped": int((table["early_stopped"] == "true").sum()),
+    }
+    if not best.empty:
+        top = best.iloc[0]
+        metrics["best"] = {"run_id": top["run_id"], "setting": top["setting"]} | {
+            m: float(top[m]) for m in SUMMARY_METRICS if m in top and pd.notna(top[m])
+        }
+        title = f"best trial {top['trial_id']} ({top['setting']}): {metric} = {top[metric]:.1f}"
+        atomic_write_bytes(output_dir / "best_reconstructions.png", _figure(client, top["run_id"], title))
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,268 @@
+"""Hyperparameter sweeps: Ray Tune trials, Optuna search, ASHA early stopping, MLflow runs.
+
+The search space is declared in ``params.yaml`` (``sweep.search_space``): each key is a dotted path into the
+trial config (``train.beta``), each value a distribution. Dimensions with ``when`` are sampled only when the
+condition holds, which makes the space define-by-run and conditional (Optuna's native style, passed to Ray
+Tune's ``OptunaSearch`` as a function).
+
+Ray runs embedded in the process by default, bound to 127.0.0.1; with ``RAY_ADDRESS`` set it joins that cluster
+instead (``ray job submit ... -- python -m pipelines.sweep`` sets it for the job). Every trial is one MLflow
+child run under the sweep's parent run, written from the driver by :class:`MlflowCallback`; a trial that
+raises (including a non-finite loss) is recorded as FAILED with its reason and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from study.atomic import atomic_write_text
+from study.config import SearchDimension, StudyParams, TrialConfig, get_path, resolve_trial_config
+from study.data.store import data_fingerprint
+from study.likelihoods import build_likelihood
+from study.tracking import SweepTracker, connect, tracking_uri
+
+# Ray must not phone home or bind to the network interface: set before ray is imported anywhere.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Workers run the driver's interpreter (the project's venv) rather than re-resolving it through `uv run`.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# A checkpoint every epoch of a seconds-long trial is expected here, not a bottleneck worth a warning.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+import optuna  # noqa: E402
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune import Callback, Checkpoint  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Start an embedded Ray on loopback, or join ``RAY_ADDRESS`` when it is set. Idempotent."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+
+
+def node_addresses() -> list[str]:
+    """IP addresses of the live Ray nodes (for checks that an embedded Ray stayed on loopback)."""
+    return [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+
+
+class DefineByRunSpace:
+    """An Optuna define-by-run space sampling ``dimensions`` in order, honouring their ``when`` clauses.
+
+    A condition on a path reads the value sampled earlier in the same trial, else the base config's value.
+    A class (not a closure) because Tune pickles the searcher with its experiment state.
+    """
+
+    def __init__(self, dimensions: dict[str, SearchDimension], base: TrialConfig) -> None:
+        self.dimensions = dimensions
+        self.base = base
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        sampled: dict[str, Any] = {}
+        for path, dim in self.dimensions.items():
+            if dim.when and not all(
+                (sampled[cond] if cond in sampled else get_path(self.base, cond)) in values
+                for cond, values in dim.when.items()
+            ):
+                continue
+            if dim.distribution == "categorical":
+                sampled[path] = trial.suggest_categorical(path, dim.choices)
+            elif dim.distribution == "int":
+                sampled[path] = trial.suggest_int(path, int(dim.low), int(dim.high))
+            else:
+                sampled[path] = trial.suggest_float(path, dim.low, dim.high, log=dim.distribution == "loguniform")
+        return None
+
+
+def _trainable(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """Ray Tune function trainable: resolve the trial config, train, report every epoch with a checkpoint."""
+    from study.train import run_trial  # imported in the worker; keeps the driver light
+
+    trial_config = resolve_trial_config(TrialConfig.model_validate(base), config)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        tune.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+
+    checkpoint = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="trial-") as workdir:
+        if checkpoint is None:
+            run_trial(trial_config, report, workdir=workdir)
+        else:  # a restored trial (node loss, resumed sweep) continues from its last epoch
+            with checkpoint.as_directory() as resume_from:
+                run_trial(trial_config, report, workdir=workdir, resume_from=resume_from)
+
+
+class MlflowCallback(Callback):
+    """Driver-side Tune callback that mirrors trials into MLflow child runs (see ``study.tracking``)."""
+
+    def __init__(self, tracker: SweepTracker, base: TrialConfig, epochs: int) -> None:
+        self.tracker = tracker
+        self.base = base
+        self.epochs = epochs
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        config = resolve_trial_config(self.base, trial.config)
+        elbo_valid = build_likelihood(config.likelihood).elbo_valid
+        self.tracker.start_trial(trial.trial_id, dict(trial.config), config, elbo_valid)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.tracker.log_epoch(trial.trial_id, result)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self.tracker.remember_checkpoint(trial.trial_id, checkpoint.path)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.tracker.finish_trial(trial.trial_id, "FINISHED", self.epochs)
+        done = self.tracker.epochs_run.get(trial.trial_id, 0)
+        last = trial.last_result or {}
+        print(f"trial {trial.trial_id} finished after {done}/{self.epochs} epochs"
+              f"{' (stopped early)' if done < self.epochs else ''}: {last.get('val_elbo', float('nan')):.1f} val_elbo "
+              f"{dict(trial.config)}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        reason = _error_text(trial)
+        self.tracker.finish_trial(trial.trial_id, "FAILED", self.epochs, reason=reason)
+        print(f"trial {trial.trial_id} FAILED: {reason}", flush=True)
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        lines = Path(path).read_text().strip().splitlines()
+        return lines[-1] if lines else "trial failed"
+    return str(getattr(trial, "error_msg", None) or "trial failed")
+
+
+def _searcher(params: StudyParams) -> OptunaSearch:
+    sweep = params.sweep
+    sampler = (
+        optuna.samplers.TPESampler(seed=sweep.searcher.seed)
+        if sweep.searcher.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=sweep.searcher.seed)
+    )
+    space = DefineByRunSpace(sweep.search_space, params.base_trial_config())
+    # metric and mode go to the searcher and scheduler themselves: Tune does not forward them through the
+    # ConcurrencyLimiter that max_concurrent_trials wraps around the searcher.
+    return OptunaSearch(space=space, metric=sweep.metric, mode=sweep.mode, sampler=sampler)
+
+
+def _scheduler(params: StudyParams):
+    sched = params.sweep.scheduler
+    if sched.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=params.sweep.metric,
+        mode=params.sweep.mode,
+        max_t=params.train.epochs,
+        grace_period=min(sched.grace_period, params.train.epochs),
+        reduction_factor=sched.reduction_factor,
+    )
+
+
+def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
+    """Run the sweep ``params.sweep`` describes and write its summary to ``sweep.output``.
+
+    Args:
+        params: the validated study parameters.
+        workdir: paths in ``params`` are relative to it (the repository root under DVC).
+
+    Returns:
+        The summary written to ``sweep.output``: parent run id, tracking URI, per-trial status and metrics,
+        and the best trial by ``sweep.metric``.
+
+    Raises:
+        TrackingUnavailableError: MLflow cannot be reached (checked before any trial starts).
+        FileNotFoundError / DataIntegrityError: the prepared data is missing or modified.
+    """
+    workdir = Path(workdir).resolve()
+    data_dir = (workdir / params.prepare.output).resolve()
+    fingerprint = data_fingerprint(data_dir)  # fails early and clearly when prepare has not run
+    tracking = params.tracking.model_copy(update={"artifact_root": workdir / params.tracking.artifact_root})
+    client, experiment_id = connect(tracking)
+
+    base = params.base_trial_config().model_copy(update={"data_dir": data_dir})
+    tracker = SweepTracker(client, experiment_id, params, fingerprint)
+    sweep = params.sweep
+    resources = {"cpu": sweep.resources_per_trial.cpu, "gpu": sweep.resources_per_trial.gpu}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, base=base.model_dump(mode="json")), resources)
+
+    init_ray()
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(params),
+            scheduler=_scheduler(params),
+            num_samples=sweep.num_trials,
+            max_concurrent_trials=sweep.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str((workdir / sweep.storage_path).resolve()),
+            callbacks=[MlflowCallback(tracker, base, params.train.epochs)],
+            failure_config=tune.FailureConfig(max_failures=0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,  # one line per finished trial comes from MlflowCallback instead
+        ),
+    )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        tracker.finish_sweep("FAILED")
+        raise
+
+    trials = []
+    for result in results:
+        trial_id = result.metrics.get("trial_id") if result.metrics else None
+        trial_id = trial_id or Path(result.path).name
+        metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("train_", "val_"))}
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "run_id": tracker.children.get(trial_id),
+                "status": "FAILED" if result.error else "FINISHED",
+                "error": str(result.error).splitlines()[-1] if result.error else None,
+                "config": dict(result.config or {}),
+                "epochs": int((result.metrics or {}).get("training_iteration", 0)),
+                "metrics": metrics,
+            }
+        )
+    finished = [t for t in trials if t["status"] == "FINISHED" and sweep.metric in t["metrics"]]
+    sign = 1 if sweep.mode == "max" else -1
+    best = max(finished, key=lambda t: sign * t["metrics"][sweep.metric]) if finished else None
+    summary = {
+        "sweep": sweep.name,
+        "tracking_uri": tracking_uri(params.tracking),
+        "experiment_id": experiment_id,
+        "parent_run_id": tracker.parent_run_id,
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "data_sha256": fingerprint,
+        "num_trials": len(trials),
+        "num_failed": sum(t["status"] == "FAILED" for t in trials),
+        "num_early_stopped": sum(t["status"] == "FINISHED" and t["epochs"] < params.train.epochs for t in trials),
+        "best_trial": best,
+        "trials": trials,
+    }
+    tracker.finish_sweep("FINISHED", summary)
+    atomic_write_text(workdir / sweep.output, json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

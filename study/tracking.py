@@ -1,0 +1,227 @@
+"""MLflow tracking of a sweep: one parent run per sweep, one child run per trial.
+
+Ray Tune's own MLflow callback has no parent/child runs, so this module creates the parent on the driver and
+tags every child with ``mlflow.parentRunId`` itself. All writes happen on the driver (the sweep's Tune
+callback calls :class:`SweepTracker`), which keeps a local SQLite store free of concurrent writers and makes a
+restarted or resumed trial reuse its run (looked up by its ``ray_trial_id`` tag) instead of duplicating it.
+
+Each child run gets:
+- params: the full resolved trial config, flattened (``likelihood.gaussian.sigma_mode`` ...);
+- tags: ``mlflow.parentRunId``, ``ray_trial_id``, ``config_hash``, ``data_sha256`` (the prepared data's
+  fingerprint from its manifest), ``likelihood_family``, ``elbo_valid``, and on completion ``epochs_run``,
+  ``early_stopped`` and, for failed trials, ``failure_reason``;
+- metrics: every per-epoch metric with ``step`` = epoch;
+- artifacts: ``config/trial_config.yaml``, ``images/reconstructions.png`` (validation inputs above their
+  reconstructions), ``images/samples.png`` (prior samples), ``checkpoint/model.pt`` (model weights) and
+  ``checkpoint/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from study.config import StudyParams, TrackingConfig, TrialConfig
+
+# Artifact transfers are small files; per-file progress bars only clutter the stage logs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "ray_trial_id"
+IMAGE_FILES = ("reconstructions.png", "samples.png")
+MAX_PARAM_LENGTH = 6000
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached; raised before a sweep starts so no logs are lost."""
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else ``tracking.uri`` from params.yaml."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{path}.")
+        else:
+            flat[path] = value
+    return flat
+
+
+def connect(config: TrackingConfig) -> tuple[MlflowClient, str]:
+    """An MLflow client for the configured store and the id of the study's experiment (created if absent).
+
+    Raises:
+        TrackingUnavailableError: the store or server does not answer (the message names the URI).
+    """
+    uri = tracking_uri(config)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_experiment_by_name(config.experiment)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        location = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            location = Path(config.artifact_root).resolve().as_uri()
+        return client, client.create_experiment(config.experiment, artifact_location=location)
+    except Exception as err:  # MLflow raises many types for an unreachable store
+        raise TrackingUnavailableError(
+            f"cannot reach the MLflow tracking store at {uri!r}: {err}. Start the server, or fix tracking.uri in "
+            "params.yaml / MLFLOW_TRACKING_URI."
+        ) from err
+
+
+class SweepTracker:
+    """Creates and fills a sweep's parent run and its trials' child runs (driver side only).
+
+    Args:
+        client: from :func:`connect`.
+        experiment_id: the study's experiment.
+        params: the whole validated params.yaml (logged on the parent run).
+        data_fingerprint: sha256 of the prepared data (``study.data.store.data_fingerprint``).
+        parent_run_id: reuse an existing parent run (resuming a sweep) instead of creating one.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        params: StudyParams,
+        data_fingerprint: str,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.params = params
+        self.data_fingerprint = data_fingerprint
+        self.children: dict[str, str] = {}
+        self.epochs_run: dict[str, int] = {}
+        self.checkpoints: dict[str, Path] = {}
+        if parent_run_id is None:
+            run = client.create_run(
+                experiment_id,
+                run_name=params.sweep.name,
+                tags={"sweep_name": params.sweep.name, "data_sha256": data_fingerprint, "kind": "sweep"},
+            )
+            parent_run_id = run.info.run_id
+            sweep_params = flatten({"sweep": params.sweep.model_dump(mode="json")})
+            self._log_params(parent_run_id, sweep_params)
+            client.log_text(parent_run_id, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False),
+                            "config/params.yaml")
+        self.parent_run_id = parent_run_id
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _log_params(self, run_id: str, flat: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(flat.items())]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def _find_child(self, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.{TRIAL_TAG} = '{trial_id}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    # ------------------------------------------------------------------------------------------ trials
+    def start_trial(self, trial_id: str, overrides: dict[str, Any], config: TrialConfig, elbo_valid: bool) -> str:
+        """The child run of a trial: the existing one (a restored trial) or a new one. Returns its run id."""
+        if trial_id in self.children:
+            return self.children[trial_id]
+        existing = self._find_child(trial_id)
+        if existing is not None:
+            self.children[trial_id] = existing
+            self.client.update_run(existing, status="RUNNING")
+            return existing
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.params.sweep.name}-{trial_id}",
+            tags={
+                PARENT_TAG: self.parent_run_id,
+                TRIAL_TAG: trial_id,
+                "config_hash": config.digest(),
+                "data_sha256": self.data_fingerprint,
+                "likelihood_family": config.likelihood.family,
+                "elbo_valid": str(elbo_valid).lower(),
+                "sweep_name": self.params.sweep.name,
+            },
+        )
+        run_id = run.info.run_id
+        self.children[trial_id] = run_id
+        flat = flatten(config.model_dump(mode="json"))
+        self._log_params(run_id, flat)
+        self.client.log_dict(run_id, {k: v for k, v in overrides.items()}, "config/sampled.yaml")
+        self.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+                             "config/trial_config.yaml")
+        return run_id
+
+    def log_epoch(self, trial_id: str, metrics: dict[str, Any]) -> None:
+        """Log one epoch's numeric metrics (step = ``epoch``)."""
+        run_id = self.children[trial_id]
+        step = int(metrics.get("epoch", metrics.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"
+            and (k.startswith(("train_", "val_")) or k == "epoch_seconds")
+        ]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+        self.epochs_run[trial_id] = step
+
+    def remember_checkpoint(self, trial_id: str, directory: str | Path) -> None:
+        self.checkpoints[trial_id] = Path(directory)
+
+    def finish_trial(self, trial_id: str, status: str, epochs: int, reason: str | None = None) -> None:
+        """Upload the trial's last checkpoint artifacts and close its run as FINISHED or FAILED."""
+        run_id = self.children.get(trial_id)
+        if run_id is None:  # failed before it started (e.g. could not be scheduled)
+            return
+        checkpoint = self.checkpoints.get(trial_id)
+        if checkpoint is not None and checkpoint.is_dir():
+            for name in IMAGE_FILES:
+                if (checkpoint / name).is_file():
+                    self.client.log_artifact(run_id, str(checkpoint / name), "images")
+            if (checkpoint / "metrics.json").is_file():
+                self.client.log_artifact(run_id, str(checkpoint / "metrics.json"), "checkpoint")
+            if (checkpoint / "state.pt").is_file():
+                self._log_model_weights(run_id, checkpoint)
+        done = self.epochs_run.get(trial_id, 0)
+        tags = [RunTag("epochs_run", str(done)), RunTag("early_stopped", str(status == "FINISHED" and done < epochs).lower())]
+        if reason:
+            tags.append(RunTag("failure_reason", reason[:5000]))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status=status)
+
+    def _log_model_weights(self, run_id: str, checkpoint: Path) -> None:
+        import tempfile
+
+        import torch
+
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"epoch": state["epoch"], "model": state["model"]}, Path(tmp) / "model.pt")
+            (Path(tmp) / "config.yaml").write_text((checkpoint / "config.yaml").read_text())
+            self.client.log_artifact(run_id, str(Path(tmp) / "model.pt"), "checkpoint")
+            self.client.log_artifact(run_id, str(Path(tmp) / "config.yaml"), "checkpoint")
+
+    def finish_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        if summary:
+            self.client.log_dict(self.parent_run_id, summary, "sweep_summary.json")
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+
+__all__ = ["SweepTracker", "TrackingUnavailableError", "connect", "flatten", "tracking_uri"]
