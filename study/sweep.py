@@ -257,6 +257,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
         "metric": sweep.metric,
         "mode": sweep.mode,
         "data_sha256": fingerprint,
+        "ray_node_addresses": node_addresses(),
         "num_trials": len(trials),
         "num_failed": sum(t["status"] == "FAILED" for t in trials),
         "num_early_stopped": sum(t["status"] == "FINISHED" and t["epochs"] < params.train.epochs for t in trials),

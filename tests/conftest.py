@@ -1,0 +1,52 @@
+"""Shared fixtures: real sample data, and a prepared copy of it that any test can train on in seconds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "celeba"
+SHARED_DATA = REPO.parent / "shared" / "data"
+FULL_PARTITION = SHARED_DATA / "celeba-sample" / "list_eval_partition_full.txt"
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    """The 32 real CelebA images embedded in the repository (img_align_celeba/ + partition file)."""
+    return SAMPLE
+
+
+@pytest.fixture()
+def sample_copy(tmp_path: Path) -> Path:
+    """A writable copy of the embedded sample, for tests that corrupt or remove files."""
+    dst = tmp_path / "celeba"
+    shutil.copytree(SAMPLE, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prepared_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample prepared at 32 x 32 by the real stage code (train 24 / val 4 / test 4)."""
+    from study.data.celeba import prepare_celeba
+    from study.data.store import write_prepared
+
+    out = tmp_path_factory.mktemp("prepared") / "celeba32"
+    arrays = prepare_celeba(SAMPLE, None, 32)
+    write_prepared(out, arrays, {"dataset": "celeba", "source": str(SAMPLE)})
+    return out
+
+
+def tiny_trial_config(data_dir: Path, **train):
+    """A seconds-long CPU trial config (small model) on prepared data."""
+    from study.config import TrialConfig
+
+    return TrialConfig.model_validate(
+        {
+            "data_dir": str(data_dir),
+            "model": {"latent_dim": 16, "width": 8},
+            "train": {"epochs": 2, "batch_size": 8, "grid_size": 4, **train},
+        }
+    )

@@ -1,0 +1,72 @@
+"""run_trial on the real sample: metrics, checkpoints and grids per epoch, exact resume, NaN -> failure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from study.train import NonFiniteLossError, load_checkpoint, run_trial
+from tests.conftest import tiny_trial_config
+
+EXPECTED = {
+    "train_elbo", "train_kl", "train_log_likelihood", "train_loss", "train_mse_255",
+    "val_elbo", "val_kl", "val_log_likelihood", "val_loss", "val_mse_255", "val_bits_per_dim",
+    "epoch", "epoch_seconds",
+}
+
+
+def test_reports_every_epoch_with_checkpoint(prepared_32, tmp_path):
+    seen = []
+
+    def report(metrics, checkpoint):
+        files = sorted(p.name for p in checkpoint.iterdir())
+        seen.append((metrics, files, json.loads((checkpoint / "metrics.json").read_text())))
+
+    final = run_trial(tiny_trial_config(prepared_32, epochs=3), report, workdir=tmp_path)
+    assert [m["epoch"] for m, _, _ in seen] == [1, 2, 3]
+    for metrics, files, on_disk in seen:
+        assert set(metrics) == EXPECTED
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert files == ["config.yaml", "metrics.json", "reconstructions.png", "samples.png", "state.pt"]
+        assert on_disk == metrics
+        # ELBO = log-likelihood - KL, and bits/dim = -ELBO / (D ln 2) with D = 3 * 32 * 32.
+        assert math.isclose(metrics["val_elbo"], metrics["val_log_likelihood"] - metrics["val_kl"], rel_tol=1e-5)
+        assert math.isclose(metrics["val_bits_per_dim"], -metrics["val_elbo"] / (3072 * math.log(2)), rel_tol=1e-9)
+        assert metrics["val_kl"] >= 0 and 0 <= metrics["val_mse_255"] <= 255**2
+    assert final == seen[-1][0]
+
+
+def test_training_improves_the_elbo(prepared_32, tmp_path):
+    history = []
+    run_trial(tiny_trial_config(prepared_32, epochs=8, lr=2e-3), lambda m, _: history.append(m), workdir=tmp_path)
+    assert history[-1]["train_elbo"] > history[0]["train_elbo"]
+    assert history[-1]["train_mse_255"] < history[0]["train_mse_255"]
+
+
+def test_resume_continues_exactly(prepared_32, tmp_path):
+    straight = run_trial(tiny_trial_config(prepared_32, epochs=3), workdir=tmp_path / "a")
+    run_trial(tiny_trial_config(prepared_32, epochs=2), workdir=tmp_path / "b")
+    resumed = run_trial(
+        tiny_trial_config(prepared_32, epochs=3), workdir=tmp_path / "c", resume_from=tmp_path / "b" / "checkpoint"
+    )
+    assert resumed["epoch"] == 3
+    for key in ("train_elbo", "val_elbo", "val_mse_255"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+
+
+def test_checkpoint_reloads_the_model(prepared_32, tmp_path):
+    run_trial(tiny_trial_config(prepared_32, epochs=1), workdir=tmp_path)
+    config, model, state = load_checkpoint(tmp_path / "checkpoint")
+    assert state["epoch"] == 1 and config.model.latent_dim == 16
+    assert model.decode(torch.zeros(1, 16)).shape == (1, 3, 32, 32)
+
+
+def test_non_finite_loss_fails_the_trial(prepared_32, tmp_path, monkeypatch):
+    from study.likelihoods.gaussian import GaussianLikelihood
+
+    monkeypatch.setattr(GaussianLikelihood, "log_prob", lambda self, x, p: torch.full((x.shape[0],), float("nan")))
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        run_trial(tiny_trial_config(prepared_32, epochs=2), workdir=tmp_path)
