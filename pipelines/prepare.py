@@ -8,6 +8,7 @@ import time
 
 from study.config import ConfigError, load_params
 from study.data.celeba import prepare_celeba
+from study.data.color import to_storage
 from study.data.store import write_prepared
 
 
@@ -26,19 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    stored = {
+        f"{split}{suffix}": array
+        for split, rgb in arrays.items()
+        for suffix, array in to_storage(rgb, cfg.color, cfg.chroma_factor).items()
+    }
     manifest = write_prepared(
         cfg.output,
-        arrays,
+        stored,
         {
             "dataset": cfg.dataset,
+            "color": cfg.color,
+            "chroma_factor": cfg.chroma_factor if cfg.color == "ycbcr" else 1,
             "source": str(cfg.root),
             "partition_file": str(cfg.partition_file or cfg.root / "list_eval_partition.txt"),
             "params": cfg.model_dump(mode="json"),
             "preprocessing": "Larsen et al. 2016: img[40:188, 15:163], Gaussian sigma=sqrt(148/R)/2, bicubic",
         },
     )
-    counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
-    print(f"prepared {cfg.dataset} at {cfg.resolution}x{cfg.resolution} into {cfg.output}: {counts} "
+    counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items() if k in arrays)
+    print(f"prepared {cfg.dataset} ({cfg.color}) at {cfg.resolution}x{cfg.resolution} into {cfg.output}: {counts} "
           f"({time.perf_counter() - started:.1f} s)")
     return 0
 

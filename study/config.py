@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from study.schedules import ScheduleConfig
+
 SUPPORTED_RESOLUTIONS = (32, 64)
 
 
@@ -40,7 +42,10 @@ class PrepareConfig(_Strict):
     # Defaults to ``<root>/list_eval_partition.txt``; the official file splits 162,770 / 19,867 / 19,962.
     partition_file: Path | None = None
     resolution: int = 64
-    color: Literal["rgb"] = "rgb"
+    # rgb: (N, H, W, 3). ycbcr (Dorta et al. 2018): Y at full resolution, Cb and Cr area-downsampled by
+    # ``chroma_factor`` (16 x 16 for 64 x 64). grey: Y alone, the paper's setting for comparable NLLs.
+    color: Literal["rgb", "ycbcr", "grey"] = "rgb"
+    chroma_factor: int = Field(default=4, ge=1)
     output: Path = Path("data/prepared/celeba")
     # Decoding processes; JPEG decoding + bicubic resize is CPU bound and embarrassingly parallel.
     workers: int = Field(default=1, ge=1)
@@ -52,15 +57,38 @@ class PrepareConfig(_Strict):
             raise ValueError(f"resolution {v} is not supported; choose one of {SUPPORTED_RESOLUTIONS}")
         return v
 
+    @model_validator(mode="after")
+    def _chroma_divides(self) -> "PrepareConfig":
+        if self.color == "ycbcr" and self.resolution % self.chroma_factor:
+            raise ValueError(f"chroma_factor {self.chroma_factor} must divide resolution {self.resolution}")
+        return self
+
 
 # ----------------------------------------------------------------------------------------------- trial
+class AVAEConfig(_Strict):
+    """Adversarial VAE (Plumerault et al. 2020; official code's settings, SPEC §2)."""
+
+    # Weight of the latent reconstruction loss L_Z in the generator's objective (1 in the official code).
+    latent_weight: float = Field(default=1.0, ge=0.0)
+    generator_lr: float = Field(default=2e-4, gt=0.0)
+    discriminator_lr: float = Field(default=2e-4, gt=0.0)
+    adam_beta1: float = Field(default=0.5, ge=0.0, lt=1.0)
+    # The official encoder's sigma is one learned global vector; True makes it a function of x.
+    input_dependent_sigma: bool = False
+    # Divergence guard: the trial fails when the discriminator loss stays below this for that many steps.
+    collapse_loss: float = Field(default=1e-3, ge=0.0)
+    collapse_steps: int = Field(default=200, ge=1)
+
+
 class ModelConfig(_Strict):
     """The VAE. DCGAN-style convolutional encoder/decoder (Radford et al. 2016)."""
 
-    kind: Literal["vae"] = "vae"
+    # vae: encoder + decoder trained on the (beta-)ELBO; avae: adds a generator and a discriminator.
+    kind: Literal["vae", "avae"] = "vae"
     latent_dim: int = Field(default=128, ge=1)  # Larsen et al. 2016 / Dorta et al. 2018 use 128 at 64x64
     # Channels of the first encoder block; doubled at every halving of the spatial size (DCGAN uses 64).
     width: int = Field(default=32, ge=4)
+    avae: AVAEConfig = AVAEConfig()
 
 
 class GaussianLikelihoodConfig(_Strict):
@@ -75,11 +103,103 @@ class GaussianLikelihoodConfig(_Strict):
     min_sigma: float = Field(default=1e-3, gt=0.0)
 
 
-class LikelihoodConfig(_Strict):
-    """Which reconstruction likelihood p(x|z) a trial uses, and each family's own options."""
+class StructuredLikelihoodConfig(_Strict):
+    """Gaussian with a sparse Cholesky factor of the precision (Dorta et al. 2018, SUPN)."""
 
-    family: Literal["gaussian"] = "gaussian"
+    neighbourhood_size: int = Field(default=3, ge=3)  # n_f, odd: L is non-zero inside n_f x n_f windows
+    num_basis: int | None = Field(default=None, ge=1)  # n_b of the learned basis (Eq. 15); None = no basis
+    dilations: list[int] | None = None  # e.g. [1, 2]: sum of 3 x 3 blocks at these rates (Fig. 5)
+
+    @field_validator("neighbourhood_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("neighbourhood_size must be odd")
+        return v
+
+    @model_validator(mode="after")
+    def _dilations_need_3(self) -> "StructuredLikelihoodConfig":
+        if self.dilations is not None and self.neighbourhood_size != 3:
+            raise ValueError("dilations are sums of 3 x 3 blocks: set neighbourhood_size to 3")
+        return self
+
+
+class BlurLikelihoodConfig(_Strict):
+    """Blur-error (Wiener-weighted) likelihood after Bredell et al. 2023 (a reconstruction; SPEC §1.3)."""
+
+    kernel_size: int = Field(default=5, ge=1)
+    wiener_c: float = Field(default=0.025, gt=0.0)
+    eps: float = Field(default=1e-3, gt=0.0)
+    # wiener_ls: closed-form least-squares kernel per batch; network: predicted from z, trained alternately.
+    estimator: Literal["wiener_ls", "network"] = "wiener_ls"
+    # Global noise scale s: precision lambda / s^2. fixed keeps s = noise_sigma; learned_global learns it.
+    noise_mode: Literal["fixed", "learned_global"] = "learned_global"
+    noise_sigma: float = Field(default=0.1, gt=0.0)
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("kernel_size must be odd")
+        return v
+
+
+class LaplaceLikelihoodConfig(_Strict):
+    """Factorised Laplace p(x|z): the L1 loss as a normalised likelihood (still an ELBO)."""
+
+    scale_mode: Literal["fixed", "learned_global", "per_pixel"] = "learned_global"
+    scale: float = Field(default=0.1, gt=0.0)
+    min_scale: float = Field(default=1e-3, gt=0.0)
+
+
+class SSIMLossConfig(_Strict):
+    """weight * (1 - SSIM) as the reconstruction term (not a likelihood: ``elbo_valid = false``)."""
+
+    weight: float = Field(default=1000.0, gt=0.0)
+    multiscale: bool = False
+
+
+class FocalFrequencyLossConfig(_Strict):
+    """Focal frequency loss (Jiang et al. 2021) as the reconstruction term (not a likelihood)."""
+
+    weight: float = Field(default=1000.0, gt=0.0)
+    alpha: float = Field(default=1.0, gt=0.0)
+
+
+class PerceptualLossConfig(_Strict):
+    """LPIPS (AlexNet, v0.1 heads) as the reconstruction term (not a likelihood); needs local weights."""
+
+    weight: float = Field(default=1000.0, gt=0.0)
+    # torchvision's alexnet-owt-7be5be79.pth; None looks in $TORCH_HOME/hub/checkpoints/.
+    weights_path: Path | None = None
+
+
+FAMILIES = ("gaussian", "structured", "blur", "laplace", "ssim", "ffl", "lpips")
+Family = Literal["gaussian", "structured", "blur", "laplace", "ssim", "ffl", "lpips"]
+
+
+class LikelihoodConfig(_Strict):
+    """Which reconstruction likelihood p(x|z) a trial uses, and each family's own options.
+
+    With YCbCr data the family models Y and a diagonal Gaussian (``gaussian`` options) models the downsampled
+    Cb and Cr (Dorta et al. 2018, Eq. 8-12).
+    """
+
+    family: Family = "gaussian"
     gaussian: GaussianLikelihoodConfig = GaussianLikelihoodConfig()
+    structured: StructuredLikelihoodConfig = StructuredLikelihoodConfig()
+    blur: BlurLikelihoodConfig = BlurLikelihoodConfig()
+    laplace: LaplaceLikelihoodConfig = LaplaceLikelihoodConfig()
+    ssim: SSIMLossConfig = SSIMLossConfig()
+    ffl: FocalFrequencyLossConfig = FocalFrequencyLossConfig()
+    lpips: PerceptualLossConfig = PerceptualLossConfig()
+
+
+class GammaPriorConfig(_Strict):
+    """Gamma(concentration, rate) prior on the precision diagonal lambda_ii (Dorta et al. 2018, Eq. 13)."""
+
+    concentration: float = Field(default=1.0, gt=0.0)  # alpha_G
+    rate: float = Field(default=1e-4, gt=0.0)  # beta_G
 
 
 class TrainConfig(_Strict):
@@ -87,7 +207,13 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     # Weight of the KL term (Higgins et al. 2017); 1 is the true ELBO. ELBO is always *reported* at beta = 1.
-    beta: float = Field(default=1.0, ge=0.0)
+    # A number, or a schedule over epochs, e.g. {kind: linear_warmup, start: 0, end: 1, warmup_epochs: 10}.
+    beta: float | ScheduleConfig = 1.0
+    # Variance minimiser alpha * ||x - mu(z)||^2 added to -ELBO (Dorta et al. 2018, Eq. 14); the paper's
+    # CelebA schedule is {kind: step, initial: 5000, switch_epoch: 10, final: 10}. null: off.
+    variance_minimiser_alpha: ScheduleConfig | None = None
+    # Gamma prior on the precision diagonal added to the bound (Eq. 13); null: off.
+    gamma_prior: GammaPriorConfig | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hflip: bool = True  # the only augmentation in Dorta et al. 2018
@@ -98,8 +224,8 @@ class TrainConfig(_Strict):
 
     @field_validator("beta")
     @classmethod
-    def _beta(cls, v: float) -> float:
-        if v < 0:
+    def _beta(cls, v):
+        if isinstance(v, int | float) and v < 0:
             raise ValueError("beta must be >= 0")
         return v
 
@@ -171,6 +297,9 @@ class SweepConfig(_Strict):
     mode: Literal["min", "max"] = "max"
     searcher: SearcherConfig = SearcherConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    # Likelihood families to compare with equal budgets: one search of ``num_trials`` per family under the
+    # same parent run. Empty: search the base config's family only.
+    families: list[Family] = Field(default_factory=list)
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
     # Ray Tune's results (checkpoints, experiment state), relative to the working directory.
     storage_path: Path = Path("ray_results")

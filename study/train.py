@@ -8,10 +8,17 @@ After every epoch the run writes a checkpoint directory (model and optimiser sta
 config, metrics and PNG grids of validation reconstructions and prior samples) and hands it, with the epoch's
 metrics, to ``report``. A run resumed from such a directory continues bit-for-bit where it stopped.
 
+The objective is -ELBO with beta on the KL (a number or a schedule over epochs), plus, when configured, the
+variance minimiser alpha(epoch) * ||x - mu(z)||^2 (Dorta et al. 2018, Eq. 14) and minus the Gamma prior on the
+precision diagonal (Eq. 13). Families with an alternating auxiliary step (the blur likelihood's kernel network)
+get their own Adam optimiser, stepped after every VAE step on ``likelihood.auxiliary_loss``.
+
 Metrics per epoch (nats per image unless named otherwise; ``*_mse_255`` is the per-pixel MSE on the [0, 255]
-scale that Dorta et al. 2018 and Larsen et al. 2016 report):
-    train_elbo, train_kl, train_log_likelihood, train_loss, train_mse_255,
+scale that Dorta et al. 2018 and Larsen et al. 2016 report, computed in RGB for YCbCr data):
+    train_elbo, train_kl, train_log_likelihood, train_loss, train_mse_255, beta, variance_minimiser_alpha,
     val_elbo, val_kl, val_log_likelihood, val_mse_255, val_bits_per_dim, epoch, epoch_seconds.
+For families that are not likelihoods (``elbo_valid`` false) the "log-likelihood" is minus their loss and the
+"ELBO" is not one; the tracking layer tags such runs and reports never rank them by it.
 The validation ELBO uses one z sample per image with a fixed seed (the same draws every epoch); the validation
 MSE uses the reconstruction E[x | z = mu(x)].
 """
@@ -31,10 +38,13 @@ from torchvision.utils import make_grid, save_image
 
 from study.atomic import atomic_directory
 from study.config import TrialConfig
+from study.data.color import to_display_rgb, ycbcr_to_rgb
 from study.data.loader import DeviceSplit
 from study.likelihoods import build_likelihood
 from study.models.vae import VAE
 from study.objectives import bits_per_dim, elbo_terms
+from study.priors import gamma_log_prob
+from study.schedules import ConstantSchedule, Schedule, build_schedule, variance_minimiser_loss
 
 ReportFn = Callable[[dict[str, float], Path], None]
 CHECKPOINT_FILE = "state.pt"
@@ -57,18 +67,39 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def build_model(config: TrialConfig, image_shape: tuple[int, int, int]) -> VAE:
-    """The VAE a trial config describes, for images of shape (C, H, W)."""
+def build_model(
+    config: TrialConfig, image_shape: tuple[int, int, int], color: str = "rgb", chroma_factor: int = 4
+) -> VAE:
+    """The VAE a trial config describes, for images of shape (C, H, W) in colour space ``color``.
+
+    Raises:
+        ValueError: non-square images; a Gamma prior on a family without a precision diagonal.
+    """
     channels, height, width = image_shape
     if height != width:
         raise ValueError(f"the VAE expects square images, got {height} x {width}")
+    likelihood = build_likelihood(
+        config.likelihood, color=color, chroma_factor=chroma_factor, latent_dim=config.model.latent_dim
+    )
+    if config.train.gamma_prior is not None and not hasattr(likelihood, "precision_diagonal"):
+        raise ValueError(f"train.gamma_prior needs a family with a precision diagonal, not {config.likelihood.family!r}")
     return VAE(
-        build_likelihood(config.likelihood),
+        likelihood,
         image_channels=channels,
         resolution=height,
         latent_dim=config.model.latent_dim,
         width=config.model.width,
     )
+
+
+def _metric_space(x: Tensor, color: str) -> Tensor:
+    """Images in the space pixel metrics are computed in: RGB for YCbCr data (comparable with RGB runs), else
+    as stored (grey stays one channel)."""
+    return ycbcr_to_rgb(x) if color == "ycbcr" else x
+
+
+def _schedule(value) -> Schedule:
+    return ConstantSchedule(float(value)) if isinstance(value, int | float) else build_schedule(value)
 
 
 def _grid_pairs(inputs: Tensor, recons: Tensor, per_row: int = 8) -> Tensor:
@@ -112,6 +143,7 @@ def _write_checkpoint(
     config: TrialConfig,
     model: VAE,
     optimiser: torch.optim.Optimizer,
+    auxiliary: torch.optim.Optimizer | None,
     generator: torch.Generator,
     epoch: int,
     metrics: dict[str, float],
@@ -119,13 +151,25 @@ def _write_checkpoint(
 ) -> None:
     grid_n = min(config.train.grid_size, len(val))
     model.eval()
+    display = {}
     with torch.no_grad():
         x = val.take(torch.arange(grid_n, device=val.device))  # (n, C, H, W)
         mu, _ = model.encode(x)
-        recon = model.likelihood.mean(model.decode(mu)).clamp(0, 1)
+        params = model.decode(mu)
+        recon = model.likelihood.mean(params).clamp(0, 1)
         samples = model.sample_prior(
             config.train.grid_size, generator=torch.Generator(val.device).manual_seed(config.train.seed)
         ).clamp(0, 1)
+        if hasattr(getattr(model.likelihood, "luma", model.likelihood), "sample_residual"):
+            # Dorta et al. Fig. 1 / 7: the mean, one correlated residual draw eps (shown around grey 0.5) and
+            # mu + eps; for YCbCr / grey data on the luma, which is what the structured likelihood models.
+            eps = model.likelihood.sample_residual(
+                params, generator=torch.Generator(val.device).manual_seed(config.train.seed)
+            )  # (n, 1 or C, H, W)
+            mu_part = recon if val.color == "rgb" else recon[:, :1]
+            rows = [mu_part, 0.5 + eps, mu_part + eps]
+            rows = [r.clamp(0, 1).expand(-1, 3, -1, -1) for r in rows]
+            display["sample_decomposition.png"] = make_grid(torch.cat(rows), nrow=grid_n, padding=2, pad_value=1.0)
     with atomic_directory(directory) as tmp:
         torch.save(
             {
@@ -134,13 +178,19 @@ def _write_checkpoint(
                 "optimiser": optimiser.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "auxiliary_optimiser": auxiliary.state_dict() if auxiliary is not None else None,
+                "image_shape": list(val.image_shape),
+                "color": val.color,
+                "chroma_factor": val.chroma_factor,
             },
             tmp / CHECKPOINT_FILE,
         )
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        save_image(_grid_pairs(x, recon), tmp / "reconstructions.png")
-        save_image(samples, tmp / "samples.png", nrow=8, padding=2, pad_value=1.0)
+        save_image(_grid_pairs(to_display_rgb(x, val.color), to_display_rgb(recon, val.color)), tmp / "reconstructions.png")
+        save_image(to_display_rgb(samples, val.color), tmp / "samples.png", nrow=8, padding=2, pad_value=1.0)
+        for name, grid in display.items():
+            save_image(grid, tmp / name)
 
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -> tuple[TrialConfig, VAE, dict]:
@@ -152,17 +202,9 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -
     directory = Path(directory)
     config = TrialConfig.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
     state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=False)
-    model_state = state["model"]
-    # The image shape is recoverable from the first encoder convolution and the decoder's resolution.
-    channels = next(v for k, v in model_state.items() if k.startswith("encoder.0.weight")).shape[1]
-    model = build_model(config, (channels, _resolution_of(model_state), _resolution_of(model_state)))
-    model.load_state_dict(model_state)
+    model = build_model(config, tuple(state["image_shape"]), state["color"], state["chroma_factor"])
+    model.load_state_dict(state["model"])
     return config, model.to(device).eval(), state
-
-
-def _resolution_of(model_state: dict[str, Tensor]) -> int:
-    convs = [k for k in model_state if k.startswith("encoder.") and k.endswith(".weight") and model_state[k].dim() == 4]
-    return 4 * 2 ** len(convs)
 
 
 def run_trial(
@@ -193,11 +235,24 @@ def run_trial(
     device = select_device(train_cfg.device)
     generator = torch.Generator(device).manual_seed(train_cfg.seed)
 
+    if config.model.kind == "avae":  # a different training scheme with its own loop (Plumerault et al. 2020)
+        from study.train_avae import run_avae_trial
+
+        return run_avae_trial(config, report, workdir=workdir, resume_from=resume_from)
+
     train = DeviceSplit(config.data_dir, "train", device)
     val = DeviceSplit(config.data_dir, "val", device)
-    model = build_model(config, train.image_shape).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
-    num_dims = math.prod(train.image_shape)
+    model = build_model(config, train.image_shape, train.color, train.chroma_factor).to(device)
+    likelihood = model.likelihood
+    auxiliary_params = {id(p) for p in likelihood.auxiliary_parameters()}
+    optimiser = torch.optim.Adam([p for p in model.parameters() if id(p) not in auxiliary_params], lr=train_cfg.lr)
+    auxiliary = (
+        torch.optim.Adam(likelihood.auxiliary_parameters(), lr=train_cfg.lr) if auxiliary_params else None
+    )
+    num_dims = likelihood.num_dims(train.image_shape)
+    beta_schedule = _schedule(train_cfg.beta)
+    alpha_schedule = None if train_cfg.variance_minimiser_alpha is None else _schedule(train_cfg.variance_minimiser_alpha)
+    gamma = train_cfg.gamma_prior
 
     start_epoch = 0
     if resume_from is not None:
@@ -206,6 +261,8 @@ def run_trial(
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if auxiliary is not None:
+            auxiliary.load_state_dict(state["auxiliary_optimiser"])
         start_epoch = int(state["epoch"])
 
     checkpoint_dir = Path(workdir) / "checkpoint"
@@ -214,17 +271,31 @@ def run_trial(
         started = time.perf_counter()
         model.train()
         sums = _EpochSums(device)
+        beta = beta_schedule(epoch)
+        alpha = alpha_schedule(epoch) if alpha_schedule is not None else 0.0
         for x in train.batches(train_cfg.batch_size, shuffle=True, hflip=train_cfg.hflip, generator=generator):
             out = model(x, generator=generator)
-            terms = elbo_terms(model.likelihood.log_prob(x, out["params"]), out["mu"], out["logvar"])
-            loss = terms.loss(train_cfg.beta)
+            params = out["params"]
+            terms = elbo_terms(likelihood.log_prob_given_z(x, params, out["z"]), out["mu"], out["logvar"])
+            loss = terms.loss(beta)
+            mean = likelihood.mean(params)
+            if alpha:
+                loss = loss + alpha * variance_minimiser_loss(x, mean).mean()  # Eq. 14
+            if gamma is not None:  # Eq. 13: the prior's log-density is added to the bound
+                loss = loss - gamma_log_prob(likelihood.precision_diagonal(params), gamma.concentration, gamma.rate).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if auxiliary is not None:  # the alternating step (e.g. the blur kernel network), on detached inputs
+                aux_loss = likelihood.auxiliary_loss(x, params.detach(), out["z"].detach())
+                auxiliary.zero_grad(set_to_none=True)
+                aux_loss.backward()
+                auxiliary.step()
             with torch.no_grad():
-                sq_err = (model.likelihood.mean(out["params"]) - x).square().sum()
+                sq_err = (_metric_space(mean, train.color) - _metric_space(x, train.color)).square().sum()
             sums.add(terms.elbo, terms.kl, terms.log_likelihood, loss, sq_err, x)
         metrics = sums.read("train")
+        metrics |= {"beta": float(beta), "variance_minimiser_alpha": float(alpha)}
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"non-finite training loss at epoch {epoch + 1}: {metrics['train_loss']}")
 
@@ -232,7 +303,7 @@ def run_trial(
         metrics["val_bits_per_dim"] = float(bits_per_dim(-metrics["val_elbo"], num_dims))
         metrics["epoch"] = epoch + 1
         metrics["epoch_seconds"] = time.perf_counter() - started
-        _write_checkpoint(checkpoint_dir, config, model, optimiser, generator, epoch + 1, metrics, val)
+        _write_checkpoint(checkpoint_dir, config, model, optimiser, auxiliary, generator, epoch + 1, metrics, val)
         if report is not None:
             report(dict(metrics), checkpoint_dir)
     return metrics
@@ -250,7 +321,8 @@ def evaluate_split(model: VAE, split: DeviceSplit, batch_size: int, seed: int, p
     sums = _EpochSums(split.device)
     for x in split.batches(batch_size):
         out = model(x, generator=generator)
-        terms = elbo_terms(model.likelihood.log_prob(x, out["params"]), out["mu"], out["logvar"])
+        terms = elbo_terms(model.likelihood.log_prob_given_z(x, out["params"], out["z"]), out["mu"], out["logvar"])
         recon = model.likelihood.mean(model.decode(out["mu"]))
-        sums.add(terms.elbo, terms.kl, terms.log_likelihood, terms.loss(1.0), (recon - x).square().sum(), x)
+        sq_err = (_metric_space(recon, split.color) - _metric_space(x, split.color)).square().sum()
+        sums.add(terms.elbo, terms.kl, terms.log_likelihood, terms.loss(1.0), sq_err, x)
     return sums.read(prefix)

@@ -14,7 +14,7 @@ from tests.conftest import tiny_trial_config
 EXPECTED = {
     "train_elbo", "train_kl", "train_log_likelihood", "train_loss", "train_mse_255",
     "val_elbo", "val_kl", "val_log_likelihood", "val_loss", "val_mse_255", "val_bits_per_dim",
-    "epoch", "epoch_seconds",
+    "epoch", "epoch_seconds", "beta", "variance_minimiser_alpha",
 }
 
 

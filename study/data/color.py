@@ -241,3 +241,47 @@ def _check_factor(c: Tensor, factor: int) -> None:
     h, w = c.shape[-2:]
     if h % factor or w % factor:
         raise ValueError(f"image size {h}x{w} is not divisible by the chroma factor {factor}")
+
+
+# ------------------------------------------------------------------------------------ on-disk colour layouts
+def to_storage(images: np.ndarray, color: str, factor: int = 4) -> dict[str, np.ndarray]:
+    """Convert prepared RGB images to the arrays the ``prepare`` stage stores for ``color``.
+
+    Args:
+        images: uint8 (N, H, W, 3) RGB.
+        color: ``rgb`` -> {"": (N, H, W, 3)}; ``grey`` -> {"": Y (N, H, W, 1)}; ``ycbcr`` -> {"": Y (N, H, W, 1),
+            "_chroma": Cb, Cr (N, H / f, W / f, 2)}, chroma area-averaged (mean of each f x f block) in float
+            before rounding, as Dorta et al. 2018 store 16 x 16 chroma for 64 x 64 images.
+        factor: chroma downsampling factor f.
+
+    Returns:
+        array-name suffix -> uint8 array (the split name is prepended by the caller).
+
+    Raises:
+        ValueError: unknown colour, or H, W not divisible by f.
+    """
+    _check_uint8(images)
+    if color == "rgb":
+        return {"": images}
+    ycc = images.astype(np.float64) @ _RGB_TO_YCBCR.T + 255.0 * _OFFSET  # (N, H, W, 3) in [0, 255]
+    luma = np.clip(np.rint(ycc[..., :1]), 0, 255).astype(np.uint8)  # (N, H, W, 1)
+    if color == "grey":
+        return {"": luma}
+    if color != "ycbcr":
+        raise ValueError(f"unknown colour {color!r}; expected rgb, grey or ycbcr")
+    n, height, width, _ = images.shape
+    if height % factor or width % factor:
+        raise ValueError(f"image size {height} x {width} is not divisible by the chroma factor {factor}")
+    blocks = ycc[..., 1:].reshape(n, height // factor, factor, width // factor, factor, 2)
+    chroma = blocks.mean(axis=(2, 4))  # (N, H / f, W / f, 2)
+    return {"": luma, "_chroma": np.clip(np.rint(chroma), 0, 255).astype(np.uint8)}
+
+
+def to_display_rgb(x: Tensor, color: str) -> Tensor:
+    """Library images (B, C, H, W) in [0, 1] of ``color`` as RGB (B, 3, H, W) in [0, 1] for figures and for
+    RGB metrics: YCbCr is converted (chroma already at full resolution), grey is repeated."""
+    if color == "ycbcr":
+        return ycbcr_to_rgb(x).clamp(0.0, 1.0)
+    if color == "grey":
+        return x.expand(-1, 3, -1, -1)
+    return x

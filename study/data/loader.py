@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from study.data.store import load_split
+import torch.nn.functional as F
+
+from study.data.store import load_split, read_manifest
 
 
 class DeviceSplit:
@@ -32,10 +34,21 @@ class DeviceSplit:
     """
 
     def __init__(self, data_dir: str | Path, split: str, device: torch.device, verify: bool = True) -> None:
+        manifest = read_manifest(data_dir)
+        #: colour space of the images: rgb (C = 3), grey (C = 1, the luma Y) or ycbcr (C = 3, see below).
+        self.color: str = manifest.get("color", "rgb")
+        self.chroma_factor: int = int(manifest.get("chroma_factor", 1))
         array = load_split(data_dir, split, verify=verify)  # uint8 (N, H, W, C)
         if array.shape[0] == 0:
             raise ValueError(f"split {split!r} of {data_dir} is empty")
-        self.images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W)
+        images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W)
+        if self.color == "ycbcr":
+            # Stored chroma is (N, H / f, W / f, 2); repeat each value over its f x f block so one tensor
+            # (N, 3, H, W) carries Y and the exact low-resolution chroma (YCbCrProductLikelihood pools it back).
+            chroma = torch.from_numpy(load_split(data_dir, f"{split}_chroma", verify=verify)).to(device)
+            chroma = F.interpolate(chroma.permute(0, 3, 1, 2).float(), scale_factor=self.chroma_factor, mode="nearest")
+            images = torch.cat([images, chroma.to(torch.uint8)], dim=1)  # (N, 3, H, W)
+        self.images = images
         self.device = device
 
     def __len__(self) -> int:

@@ -50,3 +50,21 @@ class Likelihood(nn.Module, ABC):
     @abstractmethod
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One draw x ~ p(x | z), float (B, C, H, W), not clipped to [0, 1]."""
+
+    # ------------------------------------------------------------------------------------ optional hooks
+    def num_dims(self, image_shape: tuple[int, int, int]) -> int:
+        """Dimensions D actually modelled for images of shape (C, H, W): the bits-per-dimension divisor."""
+        channels, height, width = image_shape
+        return channels * height * width
+
+    def log_prob_given_z(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor:
+        """log p(x | z) when the family needs z itself (e.g. a kernel predicted from z); default ``log_prob``."""
+        return self.log_prob(x, params)
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by ``auxiliary_loss`` in an alternating step, never by the ELBO's optimiser."""
+        return []
+
+    def auxiliary_loss(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor | None:
+        """Scalar loss of the alternating step (e.g. the blur kernel network's), or None when there is none."""
+        return None

@@ -146,3 +146,28 @@ def test_split_and_merge(real_rgb: np.ndarray) -> None:
     assert (merge_for_display(y1, c1) - x).abs().max() < 1 / 255
     with pytest.raises(ValueError):
         merge_for_display(y, cbcr[:, :1])
+
+
+def test_to_storage_layouts_on_a_real_image():
+    """rgb unchanged; grey = rounded Y; ycbcr = Y plus chroma block means at 1/4 resolution (numpy reference)."""
+    import numpy as _np
+    from PIL import Image as _Image
+
+    from study.data.color import to_storage
+
+    path = "data/sample/celeba/img_align_celeba/000001.jpg"
+    img = _np.asarray(_Image.open(path).convert("RGB").resize((64, 64)))[None]  # (1, 64, 64, 3)
+    assert to_storage(img, "rgb")[""] is img
+    rgb = img.astype(_np.float64)
+    y = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    # Offset 0.5 in [0, 1] units (127.5 on the 8-bit scale, half a level below JFIF's 128) so that stored
+    # values / 255 are exactly the library's float YCbCr.
+    cb = 127.5 - 0.168736 * rgb[..., 0] - 0.331264 * rgb[..., 1] + 0.5 * rgb[..., 2]
+    cr = 127.5 + 0.5 * rgb[..., 0] - 0.418688 * rgb[..., 1] - 0.081312 * rgb[..., 2]
+    grey = to_storage(img, "grey")
+    assert set(grey) == {""} and grey[""].shape == (1, 64, 64, 1)
+    assert _np.abs(grey[""][..., 0].astype(float) - y).max() <= 0.5 + 1e-9
+    ycc = to_storage(img, "ycbcr", 4)
+    assert ycc["_chroma"].shape == (1, 16, 16, 2) and ycc["_chroma"].dtype == _np.uint8
+    block = _np.stack([cb, cr], -1).reshape(1, 16, 4, 16, 4, 2).mean(axis=(2, 4))
+    assert _np.abs(ycc["_chroma"].astype(float) - block).max() <= 0.5 + 1e-9

@@ -103,3 +103,16 @@ def test_device_split_batches_cover_split_and_flip(tmp_path):
     for img, ref in zip(flipped.double(), expected):
         assert torch.allclose(img, ref) or torch.allclose(img, ref.flip(-1))
     assert not torch.allclose(flipped.double(), expected)  # with 10 images, some were flipped
+
+
+def test_ycbcr_split_loads_as_one_tensor_with_block_chroma(tmp_path):
+    rng = np.random.default_rng(1)
+    luma = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    chroma = rng.integers(0, 256, (3, 2, 2, 2), dtype=np.uint8)
+    write_prepared(tmp_path / "p", {"train": luma, "train_chroma": chroma}, {"color": "ycbcr", "chroma_factor": 4})
+    split = DeviceSplit(tmp_path / "p", "train", torch.device("cpu"))
+    assert split.color == "ycbcr" and split.image_shape == (3, 8, 8)
+    images = split.images.numpy()
+    np.testing.assert_array_equal(images[:, 0], luma[..., 0])
+    np.testing.assert_array_equal(images[:, 1:, ::4, ::4], chroma.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(images[:, 1:, 3::4, 1::4], chroma.transpose(0, 3, 1, 2))

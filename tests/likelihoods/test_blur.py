@@ -318,3 +318,30 @@ def test_bad_call_args_raise():
         KernelNetwork(latent_dim=2, kernel_size=2)
     assert BlurErrorLikelihood().param_channels(3) == 3
     assert math.isfinite(BlurErrorLikelihood(kernel_size=3).log_prob(x, x).sum().item())
+
+
+def test_global_noise_scale_nests_the_learned_sigma_gaussian():
+    """With k = delta and scale s, the blur likelihood is N(mu, s^2 / lambda0) per dimension, and s learns."""
+    import math as _math
+
+    from torch.distributions import Normal
+
+    from study.likelihoods.blur import BlurErrorLikelihood
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lik = BlurErrorLikelihood(kernel_size=3, noise_mode="learned_global", noise_sigma=0.05)
+    finally:
+        torch.set_default_dtype(default)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 6, 7, dtype=torch.float64, generator=gen)
+    params = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=gen)
+    delta = torch.zeros(3, 3, dtype=torch.float64)
+    delta[1, 1] = 1.0
+    lam0 = (1.0 + lik.wiener_c) ** -2 + lik.eps
+    expected = Normal(torch.sigmoid(params), 0.05 / _math.sqrt(lam0)).log_prob(x).sum(dim=(1, 2, 3))
+    got = lik.log_prob(x, params, kernel=delta)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-8)
+    got.sum().backward()
+    assert lik.log_noise_sigma.grad is not None and torch.isfinite(lik.log_noise_sigma.grad)
