@@ -103,12 +103,25 @@ class GaussianLikelihoodConfig(_Strict):
     min_sigma: float = Field(default=1e-3, gt=0.0)
 
 
+class GammaPriorConfig(_Strict):
+    """Gamma(concentration, rate) prior on the precision diagonal lambda_ii (Dorta et al. 2018, Eq. 13)."""
+
+    concentration: float = Field(default=1.0, gt=0.0)  # alpha_G
+    rate: float = Field(default=1e-4, gt=0.0)  # beta_G
+
+
 class StructuredLikelihoodConfig(_Strict):
     """Gaussian with a sparse Cholesky factor of the precision (Dorta et al. 2018, SUPN)."""
 
     neighbourhood_size: int = Field(default=3, ge=3)  # n_f, odd: L is non-zero inside n_f x n_f windows
     num_basis: int | None = Field(default=None, ge=1)  # n_b of the learned basis (Eq. 15); None = no basis
     dilations: list[int] | None = None  # e.g. [1, 2]: sum of 3 x 3 blocks at these rates (Fig. 5)
+    # Dorta's training scheme for this model. Gamma prior on the precision diagonal, added to the bound
+    # (Eq. 13); null: off.
+    gamma_prior: GammaPriorConfig | None = None
+    # Variance minimiser alpha * ||x - mu(z)||^2 added to -ELBO (Eq. 14); the paper's CelebA schedule is
+    # {kind: step, initial: 5000, switch_epoch: 10, final: 10}. null: off.
+    variance_minimiser_alpha: ScheduleConfig | None = None
 
     @field_validator("neighbourhood_size")
     @classmethod
@@ -195,13 +208,6 @@ class LikelihoodConfig(_Strict):
     lpips: PerceptualLossConfig = PerceptualLossConfig()
 
 
-class GammaPriorConfig(_Strict):
-    """Gamma(concentration, rate) prior on the precision diagonal lambda_ii (Dorta et al. 2018, Eq. 13)."""
-
-    concentration: float = Field(default=1.0, gt=0.0)  # alpha_G
-    rate: float = Field(default=1e-4, gt=0.0)  # beta_G
-
-
 class TrainConfig(_Strict):
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -209,11 +215,6 @@ class TrainConfig(_Strict):
     # Weight of the KL term (Higgins et al. 2017); 1 is the true ELBO. ELBO is always *reported* at beta = 1.
     # A number, or a schedule over epochs, e.g. {kind: linear_warmup, start: 0, end: 1, warmup_epochs: 10}.
     beta: float | ScheduleConfig = 1.0
-    # Variance minimiser alpha * ||x - mu(z)||^2 added to -ELBO (Dorta et al. 2018, Eq. 14); the paper's
-    # CelebA schedule is {kind: step, initial: 5000, switch_epoch: 10, final: 10}. null: off.
-    variance_minimiser_alpha: ScheduleConfig | None = None
-    # Gamma prior on the precision diagonal added to the bound (Eq. 13); null: off.
-    gamma_prior: GammaPriorConfig | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hflip: bool = True  # the only augmentation in Dorta et al. 2018

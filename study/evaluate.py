@@ -25,7 +25,7 @@ What is measured (SPEC, "Facts from the papers' own text", and SPEC 5.1):
   single-sample ELBO at beta = 1. Otherwise they are recorded as unavailable with the reason.
 - **ELBO surgery** (Hoffman & Johnson 2016, as in Dorta Table 1): avg KL, mutual information, marginal KL, and the
   maximum MI log N, over the whole evaluated set (S = N). These depend only on the encoder q(z | x), so they are
-  computed for every model that has one, also when the likelihood is not a normalised density.
+  computed for every VAE-protocol model, also when its likelihood is not a normalised density.
 - **Perceptual** (``study.metrics.perceptual``): LPIPS-Alex v0.1 between inputs and reconstructions; FID of
   reconstructions vs inputs and of prior samples vs inputs, with the study's single FID implementation (named in
   ``implementations``). Missing weights give a reason in ``unavailable``, never a number.
@@ -37,8 +37,9 @@ outside [0, 1] is not a displayable image; sigmoid means are unaffected). ``colo
 metrics stay in the model's YCbCr space. ``color="grey"`` keeps one channel for pixel metrics and repeats it to
 three channels for LPIPS and FID.
 
-Standard deviations are over images, population (ddof = 0, ``np.std``'s default). Nothing here imports Ray,
-MLflow or DVC.
+Standard deviations are over images, population (ddof = 0, ``np.std``'s default). Random draws come from
+per-metric generators (:data:`SEED_OFFSETS`); they are reproducible for a given ``seed``, ``batch_size`` and
+``iwae_batch_size`` on one device type. Nothing here imports Ray, MLflow or DVC.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ _CHANNELS: dict[str, int] = {"rgb": 3, "ycbcr": 3, "grey": 1}
 #: same draws. ``reconstruction``: stochastic passes; ``iwae``: IWAE z's; ``elbo``: the single-sample ELBO;
 #: ``surgery``: ELBO-surgery z's; ``samples``: prior samples (the first N, then the extra FID ones).
 SEED_OFFSETS: dict[str, int] = {"reconstruction": 0, "iwae": 1, "elbo": 2, "surgery": 3, "samples": 4}
+
+# Generic protocol: the first of these methods a model has makes its reconstructions (``reconstruct_generator`` is
+# the AVAE's G([mu + sigma eps, xi]), the image AVAE's metrics use, SPEC 2.2).
+_RECONSTRUCT_METHODS = ("reconstruct", "reconstruct_generator")
+_SAMPLE_METHODS = ("sample_images", "sample")
 
 # Per-image columns summarised as ``<prefix>_<name>`` (mean) and ``<prefix>_<name>_std``.
 _MEAN_STD_COLUMNS = ("mse", "mse_255", "mse_pm1", "psnr", "ssim", "lpips", "nll", "elbo")
@@ -226,7 +232,7 @@ def evaluate_model(
     num_fid_samples: int | None = None,
     device: torch.device | str | None = None,
     num_recon_passes: int = 1,
-    iwae_batch_size: int | None = None,
+    iwae_batch_size: int = 1024,
     prefix: str = "test",
     lpips_net: nn.Module | None = None,
     fid_features: nn.Module | None = None,
@@ -238,9 +244,11 @@ def evaluate_model(
     - **VAE** (``hasattr(model, "likelihood")``, e.g. :class:`study.models.vae.VAE`): ``encode(x) -> (mu, logvar)``,
       ``decode(z) -> params``, ``likelihood.mean(params)``, ``likelihood.elbo_valid`` and
       ``sample_prior(n, generator=...)``. All metrics are attempted.
-    - **generic** (no ``likelihood``, e.g. an adversarial model): ``reconstruct(x) -> images`` and, for sample
-      metrics, ``sample_images(n)`` or ``sample(n)`` (given ``generator=`` when their signature accepts it), all
-      images float (B, C, H, W) in [0, 1] in model space. Likelihood and ELBO-surgery metrics are unavailable.
+    - **generic** (no ``likelihood``, e.g. :class:`study.models.avae.AVAE`): ``reconstruct(x)`` (or else
+      ``reconstruct_generator(x)``) and, for sample metrics, ``sample_images(n)`` (or else ``sample(n)``); each is
+      given ``generator=`` (the metric's seeded generator) when its signature accepts it. All images float
+      (B, C, H, W) in [0, 1] in model space. Likelihood and ELBO-surgery metrics are unavailable (an ``encode`` is
+      not used: its second output need not be a log-variance).
 
     The model is put in eval mode for the call (its mode is restored) and moved to ``device`` if one is given.
 
@@ -253,13 +261,16 @@ def evaluate_model(
         seed: base seed; each metric draws from its own ``torch.Generator`` seeded ``seed + SEED_OFFSETS[...]``.
         color: ``rgb``, ``ycbcr`` (full-resolution Y, Cb, Cr; converted to RGB for pixel / perceptual metrics) or
             ``grey``.
-        lpips_weights: torchvision ``alexnet-owt-7be5be79.pth`` or its folder (default: ``$TORCH_HOME/hub/checkpoints``).
+        lpips_weights: torchvision ``alexnet-owt-7be5be79.pth`` or its folder (default:
+            ``$TORCH_HOME/hub/checkpoints``).
         inception_weights: torchvision ``inception_v3_google-0cc3c7bd.pth`` or its folder (same default).
         num_fid_samples: prior samples for the sample FID (default N); the sample variance loss always uses N.
         device: where the model runs (default: where its parameters are).
         num_recon_passes: 1 = reconstruct from z = mu(x); P > 1 = P passes with z ~ q(z | x) (see the module
             docstring). For generic models every pass calls ``reconstruct`` again.
-        iwae_batch_size: latent codes decoded per call inside the IWAE bound (default ``batch_size``).
+        iwae_batch_size: the most latent codes decoded in one call inside the IWAE bound (images x importance
+            samples; :func:`study.metrics.likelihood.iwae_nll`'s ``batch_size``); it sets memory and speed, and the
+            grouping of the random draws.
         prefix: metric name prefix (the split's name).
         lpips_net: an already loaded LPIPS module (overrides ``lpips_weights``); any module mapping two [-1, 1]
             batches to per-image distances, named by class in ``implementations``.
@@ -287,7 +298,7 @@ def evaluate_model(
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     for name, value in (("num_importance_samples", num_importance_samples), ("batch_size", batch_size),
-                        ("num_recon_passes", num_recon_passes)):
+                        ("num_recon_passes", num_recon_passes), ("iwae_batch_size", iwae_batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if num_fid_samples is not None and num_fid_samples < 2:
@@ -298,10 +309,16 @@ def evaluate_model(
         for attr in ("encode", "decode", "sample_prior"):
             if not callable(getattr(model, attr, None)):
                 raise TypeError(f"a model with a likelihood must have {attr}(); {type(model).__name__} does not")
-    elif not callable(getattr(model, "reconstruct", None)):
-        raise TypeError(
-            f"{type(model).__name__} has neither a likelihood (VAE protocol) nor reconstruct(x) (generic protocol)"
+        reconstruct_fn = None
+    else:
+        reconstruct_fn = next(
+            (getattr(model, n) for n in _RECONSTRUCT_METHODS if callable(getattr(model, n, None))), None
         )
+        if reconstruct_fn is None:
+            raise TypeError(
+                f"{type(model).__name__} has neither a likelihood (VAE protocol) nor reconstruct(x) / "
+                "reconstruct_generator(x) (generic protocol)"
+            )
 
     if device is not None:
         device = torch.device(device)
@@ -359,7 +376,9 @@ def evaluate_model(
                         z = mu + torch.exp(0.5 * logvar) * eps  # (B, d), z ~ q(z | x)
                     rb = model.likelihood.mean(model.decode(z))  # (B, C, H, W)
                 else:
-                    rb = model.reconstruct(xb)  # (B, C, H, W)
+                    assert reconstruct_fn is not None
+                    rb = (reconstruct_fn(xb, generator=recon_gen) if _accepts_generator(reconstruct_fn)
+                          else reconstruct_fn(xb))  # (B, C, H, W)
                 if tuple(rb.shape) != tuple(xb.shape):
                     raise ValueError(f"reconstructions have shape {tuple(rb.shape)}, inputs {tuple(xb.shape)}")
                 rb_px = _to_pixel_space(rb.float(), color)  # (B, C', H, W) in [0, 1]
@@ -428,7 +447,7 @@ def evaluate_model(
             nll, elbo, rec, kl = [], [], [], []
             for start in range(0, n_images, batch_size):
                 xb = images[start : start + batch_size].to(device)
-                nll.append(lk.iwae_nll(model, xb, num_importance_samples, iwae_batch_size or batch_size, iwae_gen))
+                nll.append(lk.iwae_nll(model, xb, num_importance_samples, iwae_batch_size, iwae_gen))
                 terms = lk.elbo_terms(model, xb, 1, elbo_gen)
                 elbo.append(terms.elbo)
                 rec.append(terms.reconstruction)
@@ -505,22 +524,32 @@ def evaluate_model(
     implementations["sharpness"] = "study.metrics.pixel: Laplacian variance / Sobel magnitude of BT.601 grey"
     if is_vae and elbo_valid:
         implementations["nll"] = f"study.metrics.likelihood.iwae_nll, K = {num_importance_samples}"
+    if not is_vae:
+        reconstruction = f"model.{reconstruct_fn.__name__}(x), {num_recon_passes} pass(es) averaged; FID on pass 1"
+    elif stochastic:
+        reconstruction = f"E[x | z], mean over {num_recon_passes} passes with z ~ q(z | x); FID on the first pass"
+    else:
+        reconstruction = "E[x | z = mu(x)] (decoder mean at the posterior mean)"
+    pixel_space = {
+        "rgb": "RGB [0, 1]",
+        "grey": "grey [0, 1] (repeated to 3 channels for LPIPS / FID)",
+        "ycbcr": "RGB [0, 1] converted from YCbCr (ycbcr_to_rgb, clamped); likelihoods in YCbCr",
+    }[color]
     settings: dict[str, Any] = {
         "num_images": int(n_images),
         "image_shape": [int(channels), int(height), int(width)],
         "num_dims": int(num_dims),
         "color": color,
-        "pixel_space": {"rgb": "RGB [0, 1]", "grey": "grey [0, 1] (repeated to 3 channels for LPIPS / FID)",
-                        "ycbcr": "RGB [0, 1] converted from YCbCr (ycbcr_to_rgb, clamped); likelihoods in YCbCr"}[color],
-        "reconstruction": ("E[x | z = mu(x)] (decoder mean at the posterior mean)" if not stochastic and is_vae
-                           else f"mean over {num_recon_passes} passes, z ~ q(z | x); FID on the first pass"
-                           if is_vae else f"model.reconstruct(x), {num_recon_passes} pass(es)"),
+        "pixel_space": pixel_space,
+        "reconstruction": reconstruction,
         "clamped_to_unit_interval": True,
         "num_recon_passes": int(num_recon_passes),
         "num_importance_samples": int(num_importance_samples),
         "num_variance_loss_samples": int(n_images) if sample_fn is not None else 0,
         "num_fid_samples": int(num_fid_samples or n_images),
         "seed": int(seed),
+        "batch_size": int(batch_size),  # with seed and iwae_batch_size, fixes every random draw
+        "iwae_batch_size": int(iwae_batch_size),
         "std": "population (ddof = 0) over images",
         "model_protocol": "vae" if is_vae else "generic",
         "elbo_valid": elbo_valid,
@@ -541,7 +570,7 @@ def _chunks(total: int, size: int) -> Iterator[int]:
 
 
 def _sample_function(model: object, is_vae: bool) -> Callable[..., Tensor] | None:
-    names = ("sample_prior",) if is_vae else ("sample_images", "sample")
+    names = ("sample_prior",) if is_vae else _SAMPLE_METHODS
     for name in names:
         fn = getattr(model, name, None)
         if callable(fn):

@@ -8,6 +8,12 @@ For an image x with D modelled dimensions, q(z|x) = N(mu, diag(sigma^2)) and p(z
 
 The ELBO is always *reported* with beta = 1 (as Dorta et al. 2018 evaluate beta-VAE), in nats per image and as
 bits per dimension, -ELBO / (D ln 2), an upper bound on the NLL in bits per dimension.
+
+Dorta et al. 2018 train the structured-residual VAE on
+
+    loss = -ELBO + alpha(epoch) * ||x - mu(z)||^2 - log Gamma(diag(Lambda(z)); alpha_G, beta_G)    (Eq. 14, 13)
+
+:func:`training_loss` composes these from the pieces in ``study.schedules`` and ``study.priors``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import math
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from study.priors import gamma_log_prob
+from study.schedules import variance_minimiser_loss
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -54,3 +63,31 @@ class ElboTerms:
 def elbo_terms(log_likelihood: Tensor, mu: Tensor, logvar: Tensor) -> ElboTerms:
     """Bundle log p(x|z) (B,) with the analytic KL of q(z|x) = N(mu, exp(logvar)) (B, d) against N(0, I)."""
     return ElboTerms(log_likelihood=log_likelihood, kl=kl_standard_normal(mu, logvar))
+
+
+def training_loss(
+    terms: ElboTerms,
+    beta: float,
+    x: Tensor | None = None,
+    mean: Tensor | None = None,
+    variance_minimiser_alpha: float = 0.0,
+    precision_diagonal: Tensor | None = None,
+    gamma_concentration: float | None = None,
+    gamma_rate: float | None = None,
+) -> Tensor:
+    """Scalar training loss, mean over the batch: the beta-VAE loss plus the optional Dorta et al. terms.
+
+    Args:
+        terms: per-image log p(x|z) and KL (B,).
+        beta: KL weight (>= 0).
+        x, mean: images and the likelihood mean, float (B, C, H, W) in [0, 1]; needed when alpha > 0.
+        variance_minimiser_alpha: alpha of Eq. 14 (image units^-2); 0 disables the term.
+        precision_diagonal: lambda_ii (B, ...) > 0 for the Gamma prior of Eq. 13; None disables it.
+        gamma_concentration, gamma_rate: alpha_G, beta_G of the Gamma prior.
+    """
+    loss = terms.loss(beta)
+    if variance_minimiser_alpha:
+        loss = loss + variance_minimiser_alpha * variance_minimiser_loss(x, mean).mean()
+    if precision_diagonal is not None:
+        loss = loss - gamma_log_prob(precision_diagonal, gamma_concentration, gamma_rate).mean()
+    return loss

@@ -28,9 +28,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from study.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 
-# The option that distinguishes settings within a family (a row of the summary table).
-SETTING_PARAMS = {"gaussian": "params.likelihood.gaussian.sigma_mode"}
+# The options that distinguish settings within a family (a row of the summary table).
+SETTING_PARAMS = {
+    "gaussian": ["likelihood.gaussian.sigma_mode"],
+    "structured": ["likelihood.structured.neighbourhood_size", "likelihood.structured.num_basis",
+                   "likelihood.structured.dilations"],
+    "blur": ["likelihood.blur.estimator"],
+    "laplace": ["likelihood.laplace.scale_mode"],
+}
 SUMMARY_METRICS = ["val_elbo", "val_kl", "val_log_likelihood", "val_bits_per_dim", "val_mse_255"]
+ELBO_METRICS = ["val_elbo", "val_log_likelihood", "val_bits_per_dim"]
 
 
 def load_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
@@ -86,19 +93,23 @@ def trials_table(runs: pd.DataFrame, sampled: list[str]) -> pd.DataFrame:
     return table
 
 
-def _setting(row: pd.Series, runs_row: pd.Series) -> str:
-    family = row["family"]
-    col = SETTING_PARAMS.get(family)
-    return f"{family} ({runs_row[col]})" if col and col in runs_row else str(family)
+def _setting(family: str, runs_row: pd.Series) -> str:
+    """``family (option=value, ...)``: the row label of a trial's likelihood setting."""
+    parts = []
+    for path in SETTING_PARAMS.get(family, []):
+        value = runs_row.get(f"params.{path}")
+        if value is not None and value != "None":
+            parts.append(f"{path.rsplit('.', 1)[-1]}={value}")
+    return f"{family} ({', '.join(parts)})" if parts else str(family)
 
 
 def best_per_setting(table: pd.DataFrame, runs: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """Best finished trial of each likelihood setting by ``metric``; non-ELBO families are never ranked by an
-    ELBO-based metric (they are listed with the metric left out)."""
+    """Best finished trial of each likelihood setting by ``metric`` (the sweep's selection metric, applied
+    within each setting), sorted by it; a ``setting`` column labels the rows."""
     finished = table[(table["status"] == "FINISHED") & table[metric].notna()].copy()
     if finished.empty:
-        return finished
-    finished["setting"] = [_setting(r, runs.loc[i]) for i, r in finished.iterrows()]
+        return finished.assign(setting=[])
+    finished["setting"] = [_setting(r["family"], runs.loc[i]) for i, r in finished.iterrows()]
     ascending = mode == "min"
     best = finished.sort_values(metric, ascending=ascending).groupby("setting", sort=False).head(1)
     return best.sort_values(metric, ascending=ascending)
@@ -156,19 +167,28 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
     atomic_write_text(output_dir / "trials.csv", table.to_csv(index=False))
 
     metric, mode = summary["metric"], summary["mode"]
-    best = best_per_setting(table, runs, metric, mode)
-    columns = ["setting", "run_id", "epochs_run"] + [m for m in SUMMARY_METRICS if m in best]
+    best_all = best_per_setting(table, runs, metric, mode)
+    valid = best_all["elbo_valid"] == "true" if not best_all.empty else pd.Series(dtype=bool)
+    best, losses = best_all[valid], best_all[~valid]
+    columns = ["setting", "run_id", "epochs_run"] + [m for m in SUMMARY_METRICS if m in best_all]
+    loss_columns = [c for c in columns if c not in ELBO_METRICS]
     failed = table[table["status"] == "FAILED"]
     md = [
         f"# Sweep `{summary['sweep']}`\n",
         f"{len(table)} trials in MLflow (parent run `{summary['parent_run_id']}`): "
         f"{int((table['status'] == 'FINISHED').sum())} finished "
         f"({int((table['early_stopped'] == 'true').sum())} stopped early by the scheduler), {len(failed)} failed.",
-        f"Selection metric: `{metric}` ({mode}). ELBO and KL in nats per image; bits per dimension = -ELBO / (D ln 2);",
-        "MSE per pixel on the [0, 255] scale.\n",
+        f"Selection metric: `{metric}` ({mode}), applied within each setting. ELBO and KL in nats per image;",
+        "bits per dimension = -ELBO / (D ln 2) over the dimensions modelled; MSE per pixel on the [0, 255] scale",
+        "(in RGB for YCbCr data).\n",
         "## Best trial per likelihood setting\n",
-        _markdown_table(best, columns) if not best.empty else "No trial finished.\n",
+        _markdown_table(best, columns) if not best.empty else "No likelihood trial finished.\n",
     ]
+    if not losses.empty:
+        md += [
+            "\n## Comparison losses (not normalised likelihoods: never ranked by ELBO or NLL)\n",
+            _markdown_table(losses, loss_columns),
+        ]
     if not failed.empty:
         md += ["\n## Failed trials\n", _markdown_table(failed.assign(reason=runs.loc[failed.index].get("tags.failure_reason")),
                                                        ["run_id", "trial_id", "reason"])]
@@ -180,8 +200,13 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
         "num_failed": int(len(failed)),
         "num_early_stopped": int((table["early_stopped"] == "true").sum()),
     }
-    if not best.empty:
-        top = best.iloc[0]
+    metrics["per_setting"] = {
+        row["setting"]: {m: float(row[m]) for m in SUMMARY_METRICS if m in row and pd.notna(row[m])
+                         and (row["elbo_valid"] == "true" or m not in ELBO_METRICS)}
+        for _, row in best_all.iterrows()
+    }
+    if not best.empty or not losses.empty:
+        top = (best if not best.empty else losses).iloc[0]
         metrics["best"] = {"run_id": top["run_id"], "setting": top["setting"]} | {
             m: float(top[m]) for m in SUMMARY_METRICS if m in top and pd.notna(top[m])
         }

@@ -22,7 +22,7 @@ from typing import Any
 from study.atomic import atomic_write_text
 from study.config import SearchDimension, StudyParams, TrialConfig, get_path, resolve_trial_config
 from study.data.store import data_fingerprint
-from study.likelihoods import build_likelihood
+from study.likelihoods import family_elbo_valid
 from study.tracking import SweepTracker, connect, tracking_uri
 
 # Ray must not phone home or bind to the network interface: set before ray is imported anywhere.
@@ -41,6 +41,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
+INDEX_SUFFIX = "@index"  # searcher-side bookkeeping keys in a trial's config; not config paths
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -69,35 +70,48 @@ class DefineByRunSpace:
     """An Optuna define-by-run space sampling ``dimensions`` in order, honouring their ``when`` clauses.
 
     A condition on a path reads the value sampled earlier in the same trial, else the base config's value.
-    A class (not a closure) because Tune pickles the searcher with its experiment state.
+    Categorical choices that Optuna cannot store (lists such as ``dilations: [null, [1, 2]]``) are sampled as
+    an index under ``<path>@index`` and the value itself is returned as a constant, which Tune merges into
+    the trial's config. A class (not a closure) because Tune pickles the searcher with its experiment state.
     """
 
     def __init__(self, dimensions: dict[str, SearchDimension], base: TrialConfig) -> None:
         self.dimensions = dimensions
         self.base = base
 
-    def __call__(self, trial: optuna.Trial) -> None:
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any] | None:
         sampled: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
         for path, dim in self.dimensions.items():
             if dim.when and not all(
                 (sampled[cond] if cond in sampled else get_path(self.base, cond)) in values
                 for cond, values in dim.when.items()
             ):
                 continue
-            if dim.distribution == "categorical":
+            if dim.distribution == "categorical" and not all(
+                c is None or isinstance(c, bool | int | float | str) for c in dim.choices
+            ):
+                index = trial.suggest_categorical(f"{path}{INDEX_SUFFIX}", list(range(len(dim.choices))))
+                sampled[path] = constants[path] = dim.choices[index]
+            elif dim.distribution == "categorical":
                 sampled[path] = trial.suggest_categorical(path, dim.choices)
             elif dim.distribution == "int":
                 sampled[path] = trial.suggest_int(path, int(dim.low), int(dim.high))
             else:
                 sampled[path] = trial.suggest_float(path, dim.low, dim.high, log=dim.distribution == "loguniform")
-        return None
+        return constants or None
+
+
+def _overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config without the searcher's ``@index`` bookkeeping keys: dotted path -> value."""
+    return {k: v for k, v in config.items() if not k.endswith(INDEX_SUFFIX)}
 
 
 def _trainable(config: dict[str, Any], base: dict[str, Any]) -> None:
     """Ray Tune function trainable: resolve the trial config, train, report every epoch with a checkpoint."""
     from study.train import run_trial  # imported in the worker; keeps the driver light
 
-    trial_config = resolve_trial_config(TrialConfig.model_validate(base), config)
+    trial_config = resolve_trial_config(TrialConfig.model_validate(base), _overrides(config))
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         tune.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
@@ -120,9 +134,8 @@ class MlflowCallback(Callback):
         self.epochs = epochs
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        config = resolve_trial_config(self.base, trial.config)
-        elbo_valid = build_likelihood(config.likelihood).elbo_valid
-        self.tracker.start_trial(trial.trial_id, dict(trial.config), config, elbo_valid)
+        config = resolve_trial_config(self.base, _overrides(trial.config))
+        self.tracker.start_trial(trial.trial_id, _overrides(trial.config), config, family_elbo_valid(config.likelihood.family))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.tracker.log_epoch(trial.trial_id, result)
@@ -152,14 +165,15 @@ def _error_text(trial) -> str:
     return str(getattr(trial, "error_msg", None) or "trial failed")
 
 
-def _searcher(params: StudyParams) -> OptunaSearch:
+def _searcher(params: StudyParams, base: TrialConfig, seed_offset: int = 0) -> OptunaSearch:
     sweep = params.sweep
+    seed = sweep.searcher.seed + seed_offset
     sampler = (
-        optuna.samplers.TPESampler(seed=sweep.searcher.seed)
+        optuna.samplers.TPESampler(seed=seed)
         if sweep.searcher.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=sweep.searcher.seed)
+        else optuna.samplers.RandomSampler(seed=seed)
     )
-    space = DefineByRunSpace(sweep.search_space, params.base_trial_config())
+    space = DefineByRunSpace(sweep.search_space, base)
     # metric and mode go to the searcher and scheduler themselves: Tune does not forward them through the
     # ConcurrencyLimiter that max_concurrent_trials wraps around the searcher.
     return OptunaSearch(space=space, metric=sweep.metric, mode=sweep.mode, sampler=sampler)
@@ -177,6 +191,30 @@ def _scheduler(params: StudyParams):
         grace_period=min(sched.grace_period, params.train.epochs),
         reduction_factor=sched.reduction_factor,
     )
+
+
+def _elbo_based(metric: str) -> bool:
+    return any(part in metric for part in ("elbo", "log_likelihood", "bits_per_dim", "nll"))
+
+
+def _collect(results, tracker: SweepTracker, family: str) -> list[dict[str, Any]]:
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "run_id": tracker.children.get(trial_id),
+                "family": family,
+                "status": "FAILED" if result.error else "FINISHED",
+                "error": str(result.error).strip().splitlines()[-1] if result.error else None,
+                "config": dict(result.config or {}),
+                "epochs": int(metrics.get("training_iteration", 0)),
+                "metrics": {k: v for k, v in metrics.items() if k.startswith(("train_", "val_"))},
+            }
+        )
+    return trials
 
 
 def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
@@ -204,51 +242,52 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
     tracker = SweepTracker(client, experiment_id, params, fingerprint)
     sweep = params.sweep
     resources = {"cpu": sweep.resources_per_trial.cpu, "gpu": sweep.resources_per_trial.gpu}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, base=base.model_dump(mode="json")), resources)
+    families = sweep.families or [base.likelihood.family]
 
     init_ray()
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=_searcher(params),
-            scheduler=_scheduler(params),
-            num_samples=sweep.num_trials,
-            max_concurrent_trials=sweep.max_concurrent,
-        ),
-        run_config=tune.RunConfig(
-            name=sweep.name,
-            storage_path=str((workdir / sweep.storage_path).resolve()),
-            callbacks=[MlflowCallback(tracker, base, params.train.epochs)],
-            failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=0,  # one line per finished trial comes from MlflowCallback instead
-        ),
-    )
+    trials: list[dict[str, Any]] = []
     try:
-        results = tuner.fit()
+        # One search per family with the same budget, so families are compared at equal tuning effort.
+        for index, family in enumerate(families):
+            family_base = base.model_copy(
+                update={"likelihood": base.likelihood.model_copy(update={"family": family})}
+            )
+            trainable = tune.with_resources(
+                tune.with_parameters(_trainable, base=family_base.model_dump(mode="json")), resources
+            )
+            name = sweep.name if len(families) == 1 else f"{sweep.name}-{family}"
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=_searcher(params, family_base, seed_offset=index),
+                    scheduler=_scheduler(params),
+                    num_samples=sweep.num_trials,
+                    max_concurrent_trials=sweep.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str((workdir / sweep.storage_path).resolve()),
+                    callbacks=[MlflowCallback(tracker, family_base, params.train.epochs)],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    verbose=0,  # one line per finished trial comes from MlflowCallback instead
+                ),
+            )
+            trials += _collect(tuner.fit(), tracker, family)
     except BaseException:
         tracker.finish_sweep("FAILED")
         raise
 
-    trials = []
-    for result in results:
-        trial_id = result.metrics.get("trial_id") if result.metrics else None
-        trial_id = trial_id or Path(result.path).name
-        metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("train_", "val_"))}
-        trials.append(
-            {
-                "trial_id": trial_id,
-                "run_id": tracker.children.get(trial_id),
-                "status": "FAILED" if result.error else "FINISHED",
-                "error": str(result.error).splitlines()[-1] if result.error else None,
-                "config": dict(result.config or {}),
-                "epochs": int((result.metrics or {}).get("training_iteration", 0)),
-                "metrics": metrics,
-            }
-        )
     finished = [t for t in trials if t["status"] == "FINISHED" and sweep.metric in t["metrics"]]
     sign = 1 if sweep.mode == "max" else -1
-    best = max(finished, key=lambda t: sign * t["metrics"][sweep.metric]) if finished else None
+    # An ELBO-based metric only ranks families whose log_prob is a density (never the comparison losses).
+    rankable = [t for t in finished if family_elbo_valid(t["family"]) or not _elbo_based(sweep.metric)]
+    best = max(rankable, key=lambda t: sign * t["metrics"][sweep.metric]) if rankable else None
+    best_per_family = {
+        family: max(group, key=lambda t: sign * t["metrics"][sweep.metric])
+        for family in families
+        if (group := [t for t in finished if t["family"] == family])
+    }
     summary = {
         "sweep": sweep.name,
         "tracking_uri": tracking_uri(params.tracking),
@@ -261,7 +300,9 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
         "num_trials": len(trials),
         "num_failed": sum(t["status"] == "FAILED" for t in trials),
         "num_early_stopped": sum(t["status"] == "FINISHED" and t["epochs"] < params.train.epochs for t in trials),
+        "families": families,
         "best_trial": best,
+        "best_per_family": best_per_family,
         "trials": trials,
     }
     tracker.finish_sweep("FINISHED", summary)

@@ -11,9 +11,10 @@ Each child run gets:
   fingerprint from its manifest), ``likelihood_family``, ``elbo_valid``, and on completion ``epochs_run``,
   ``early_stopped`` and, for failed trials, ``failure_reason``;
 - metrics: every per-epoch metric with ``step`` = epoch;
-- artifacts: ``config/trial_config.yaml``, ``images/reconstructions.png`` (validation inputs above their
-  reconstructions), ``images/samples.png`` (prior samples), ``checkpoint/model.pt`` (model weights) and
-  ``checkpoint/metrics.json``.
+- artifacts: ``config/trial_config.yaml``, every PNG grid of the last checkpoint under ``images/``
+  (``reconstructions.png``: validation inputs above their reconstructions; ``samples.png``: prior samples;
+  ``sample_decomposition.png`` for the structured likelihood: mu, eps, mu + eps; AVAE's
+  ``decoder_reconstructions.png``), ``checkpoint/model.pt`` (model weights) and ``checkpoint/metrics.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
-IMAGE_FILES = ("reconstructions.png", "samples.png")
 MAX_PARAM_LENGTH = 6000
 
 
@@ -192,9 +192,8 @@ class SweepTracker:
             return
         checkpoint = self.checkpoints.get(trial_id)
         if checkpoint is not None and checkpoint.is_dir():
-            for name in IMAGE_FILES:
-                if (checkpoint / name).is_file():
-                    self.client.log_artifact(run_id, str(checkpoint / name), "images")
+            for image in sorted(checkpoint.glob("*.png")):  # every grid the training loop drew
+                self.client.log_artifact(run_id, str(image), "images")
             if (checkpoint / "metrics.json").is_file():
                 self.client.log_artifact(run_id, str(checkpoint / "metrics.json"), "checkpoint")
             if (checkpoint / "state.pt").is_file():

@@ -42,9 +42,8 @@ from study.data.color import to_display_rgb, ycbcr_to_rgb
 from study.data.loader import DeviceSplit
 from study.likelihoods import build_likelihood
 from study.models.vae import VAE
-from study.objectives import bits_per_dim, elbo_terms
-from study.priors import gamma_log_prob
-from study.schedules import ConstantSchedule, Schedule, build_schedule, variance_minimiser_loss
+from study.objectives import bits_per_dim, elbo_terms, training_loss
+from study.schedules import ConstantSchedule, Schedule, build_schedule
 
 ReportFn = Callable[[dict[str, float], Path], None]
 CHECKPOINT_FILE = "state.pt"
@@ -81,8 +80,6 @@ def build_model(
     likelihood = build_likelihood(
         config.likelihood, color=color, chroma_factor=chroma_factor, latent_dim=config.model.latent_dim
     )
-    if config.train.gamma_prior is not None and not hasattr(likelihood, "precision_diagonal"):
-        raise ValueError(f"train.gamma_prior needs a family with a precision diagonal, not {config.likelihood.family!r}")
     return VAE(
         likelihood,
         image_channels=channels,
@@ -251,8 +248,9 @@ def run_trial(
     )
     num_dims = likelihood.num_dims(train.image_shape)
     beta_schedule = _schedule(train_cfg.beta)
-    alpha_schedule = None if train_cfg.variance_minimiser_alpha is None else _schedule(train_cfg.variance_minimiser_alpha)
-    gamma = train_cfg.gamma_prior
+    structured = config.likelihood.structured if config.likelihood.family == "structured" else None
+    alpha_schedule = _schedule(structured.variance_minimiser_alpha) if structured and structured.variance_minimiser_alpha else None
+    gamma = structured.gamma_prior if structured else None
 
     start_epoch = 0
     if resume_from is not None:
@@ -277,12 +275,13 @@ def run_trial(
             out = model(x, generator=generator)
             params = out["params"]
             terms = elbo_terms(likelihood.log_prob_given_z(x, params, out["z"]), out["mu"], out["logvar"])
-            loss = terms.loss(beta)
             mean = likelihood.mean(params)
-            if alpha:
-                loss = loss + alpha * variance_minimiser_loss(x, mean).mean()  # Eq. 14
-            if gamma is not None:  # Eq. 13: the prior's log-density is added to the bound
-                loss = loss - gamma_log_prob(likelihood.precision_diagonal(params), gamma.concentration, gamma.rate).mean()
+            loss = training_loss(
+                terms, beta, x, mean, variance_minimiser_alpha=alpha,
+                precision_diagonal=likelihood.precision_diagonal(params) if gamma is not None else None,
+                gamma_concentration=gamma.concentration if gamma else None,
+                gamma_rate=gamma.rate if gamma else None,
+            )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -66,3 +66,28 @@ def test_when_clause_reads_sampled_then_base_values():
     trial = optuna.create_study().ask()
     base_only(trial)
     assert "train.beta" in trial.params
+
+
+def test_list_valued_choices_are_returned_as_constants():
+    space = _space(
+        {
+            "likelihood.family": {"distribution": "categorical", "choices": ["gaussian", "structured"]},
+            "likelihood.structured.dilations": {
+                "distribution": "categorical", "choices": [None, [1, 2]],
+                "when": {"likelihood.family": ["structured"]},
+            },
+        }
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    seen = []
+    for _ in range(20):
+        trial = study.ask()
+        constants = space(trial) or {}
+        if trial.params["likelihood.family"] == "structured":
+            index = trial.params["likelihood.structured.dilations@index"]
+            assert constants == {"likelihood.structured.dilations": [None, [1, 2]][index]}
+            seen.append(index)
+        else:
+            assert constants == {} and "likelihood.structured.dilations@index" not in trial.params
+        study.tell(trial, 0.0)
+    assert set(seen) == {0, 1}

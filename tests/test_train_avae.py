@@ -90,3 +90,10 @@ def test_beta_schedule_is_accepted(prepared_32, tmp_path):
                                                       "warmup_epochs": 2})
     metrics = run_avae_trial(config, workdir=tmp_path)
     assert math.isfinite(metrics["train_kl"]) and torch.isfinite(torch.tensor(metrics["val_mse_255"]))
+
+
+def test_run_trial_dispatches_avae_configs(prepared_32, tmp_path):
+    from study.train import run_trial
+
+    metrics = run_trial(avae_config(prepared_32, epochs=1), workdir=tmp_path)
+    assert set(metrics) == EXPECTED and (tmp_path / "checkpoint" / "decoder_reconstructions.png").is_file()

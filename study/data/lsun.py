@@ -10,7 +10,8 @@ images) and ``church_outdoor_val_lmdb/`` (300 images), each a folder holding ``d
 
 LMDB keeps keys in bytewise order, so "LMDB order" below is ``sorted(keys)``.
 
-Preparation, per image (Dorta et al. 2018 do not state their LSUN crop; this is the usual one):
+Preparation, per image (Dorta et al. 2018's LSUN crop and resize were not found, SPEC §3.4; this is the usual
+centre crop of DCGAN-style LSUN pipelines, with the filter pinned down):
 
 1. decode the JPEG with Pillow (fully, so a truncated file fails) and convert to RGB; EXIF orientation is
    ignored, as in ``torchvision.datasets.LSUN``;
@@ -19,7 +20,7 @@ Preparation, per image (Dorta et al. 2018 do not state their LSUN crop; this is 
 
 Splits: ``train`` and ``val`` both come from the train LMDB (a seeded held-out fraction, see
 :func:`split_train_keys`); ``test`` is the whole official val LMDB, as Dorta et al. use LSUN's validation set as
-their test set (LSUN's own test set has no public labels and is not shipped per category).
+their test set (LSUN's own test set is one unlabelled 10,000-image LMDB across all categories).
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
     path = Path(path)
     if not (path / "data.mdb").is_file():
         name = path.name or "church_outdoor_val_lmdb"
-        zipped = path.with_name(path.name + ".zip")
-        hint = f" ({zipped} is there: unzip it first)" if zipped.is_file() else ""
+        zipped = path.parent / (path.name + ".zip")
+        hint = f" ({zipped} is there: unzip it first)" if path.name and zipped.is_file() else ""
         what = "has no data.mdb" if path.is_dir() else "not found"
         raise FileNotFoundError(
             f"LSUN LMDB folder {path} {what}{hint}: put {name}/ (data.mdb, lock.mdb) from the LSUN release "
@@ -249,7 +250,9 @@ def split_train_keys(keys: Sequence[bytes], val_fraction: float, seed: int) -> t
         n_val = min(max(n_val, 1), n - 1)
     held_out = np.zeros(n, dtype=bool)
     held_out[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    return [k for k, v in zip(keys, held_out) if not v], [k for k, v in zip(keys, held_out) if v]
+    return [k for k, v in zip(keys, held_out, strict=True) if not v], [
+        k for k, v in zip(keys, held_out, strict=True) if v
+    ]
 
 
 def _prepare_chunk(job: tuple[str, list[bytes], int, bool]) -> tuple[np.ndarray, list[bytes]]:
@@ -296,28 +299,35 @@ def prepare_records(
     # ~16 chunks per worker balance the load; 256 images per chunk bounds what one task holds and returns.
     chunk = max(1, min(256, math.ceil(len(keys) / (max(workers, 1) * 16))))
     jobs = [(str(path), keys[i : i + chunk], resolution, skip_corrupt) for i in range(0, len(keys), chunk)]
-    parts: list[np.ndarray] = []
+    # Filled in place rather than concatenated, so the full train split (1.5 GB at 64 x 64) is held once.
+    out = np.empty((len(keys), resolution, resolution, 3), dtype=np.uint8)
+    filled = 0
     skipped: list[bytes] = []
     bar = tqdm(total=len(keys), desc=desc, unit="img", disable=None)
 
     def collect(result: tuple[np.ndarray, list[bytes]], job_keys: list[bytes]) -> None:
-        parts.append(result[0])
+        nonlocal filled
+        out[filled : filled + len(result[0])] = result[0]
+        filled += len(result[0])
         skipped.extend(result[1])
         bar.update(len(job_keys))
 
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for job, result in zip(jobs, pool.map(_prepare_chunk, jobs)):
-                    collect(result, job[1])
+                try:
+                    for job, result in zip(jobs, pool.map(_prepare_chunk, jobs), strict=True):
+                        collect(result, job[1])
+                except BaseException:
+                    # Fail fast: without this the pool's exit would first decode every queued chunk.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
             for job in jobs:
                 collect(_prepare_chunk(job), job[1])
     finally:
         bar.close()
-    if not parts:
-        return np.empty((0, resolution, resolution, 3), dtype=np.uint8), skipped
-    return np.concatenate(parts, axis=0), skipped
+    return (out if filled == len(keys) else out[:filled].copy()), skipped
 
 
 def prepare_lsun(
@@ -406,9 +416,7 @@ def encode_lsun_jpeg(img: np.ndarray | Image.Image, short_side: int = SHORT_SIDE
     return buf.getvalue()
 
 
-def write_lsun_lmdb(
-    path: str | Path, items: Iterable[tuple[bytes, bytes]], map_size: int = DEFAULT_MAP_SIZE
-) -> int:
+def write_lsun_lmdb(path: str | Path, items: Iterable[tuple[bytes, bytes]], map_size: int = DEFAULT_MAP_SIZE) -> int:
     """Write an LMDB in the official LSUN layout: a folder with ``data.mdb`` and ``lock.mdb``, one unnamed
     database, key = 40-hex image id (ASCII bytes), value = image bytes (JPEG, see :func:`encode_lsun_jpeg`).
 
@@ -434,9 +442,7 @@ def write_lsun_lmdb(
     count = 0
     with lmdb.open(str(path), map_size=map_size, subdir=True) as env, env.begin(write=True) as txn:
         for key, value in items:
-            if not (
-                isinstance(key, bytes) and len(key) == KEY_LENGTH and all(c in b"0123456789abcdef" for c in key)
-            ):
+            if not (isinstance(key, bytes) and len(key) == KEY_LENGTH and all(c in b"0123456789abcdef" for c in key)):
                 raise ValueError(f"LSUN keys are {KEY_LENGTH} lowercase hex characters as bytes, got {key!r}")
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise ValueError(f"record {key_text(key)}: value must be bytes, got {type(value).__name__}")

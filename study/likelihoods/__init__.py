@@ -48,6 +48,22 @@ def build_family(config: LikelihoodConfig, latent_dim: int | None = None) -> Lik
     raise ValueError(f"unknown likelihood family {family!r}")
 
 
+FAMILY_CLASSES: dict[str, type[Likelihood]] = {
+    "gaussian": GaussianLikelihood,
+    "structured": StructuredGaussianLikelihood,
+    "blur": BlurErrorLikelihood,
+    "laplace": LaplaceLikelihood,
+    "ssim": SSIMLoss,
+    "ffl": FocalFrequencyLoss,
+    "lpips": PerceptualLoss,
+}
+
+
+def family_elbo_valid(family: str) -> bool:
+    """Whether a family's ``log_prob`` is a normalised density (so ELBO and NLL mean something)."""
+    return FAMILY_CLASSES[family].elbo_valid
+
+
 def build_likelihood(
     config: LikelihoodConfig, color: str = "rgb", chroma_factor: int = 4, latent_dim: int | None = None
 ) -> Likelihood:
@@ -65,5 +81,5 @@ def build_likelihood(
 __all__ = [
     "BlurErrorLikelihood", "FocalFrequencyLoss", "GaussianLikelihood", "LaplaceLikelihood", "Likelihood",
     "PerceptualLoss", "SSIMLoss", "StructuredGaussianLikelihood", "YCbCrProductLikelihood", "build_family",
-    "build_likelihood",
+    "build_likelihood", "family_elbo_valid",
 ]

@@ -93,7 +93,7 @@ def numpy_bicubic(img: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def test_lmdb_is_in_the_official_format(lmdbs, records):
-    for path, recs in zip(lmdbs, records):
+    for path, recs in zip(lmdbs, records, strict=True):
         assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
         env = lmdb.open(str(path), readonly=True, lock=False)  # plain lmdb, as fyu/lsun's data.py reads it
         with env.begin() as txn:
@@ -191,7 +191,7 @@ def test_resize_is_the_documented_bicubic(records, resolution):
         top, left, s = crop_box(*img.shape[:2])
         ref = numpy_bicubic(img[top : top + s, left : left + s], resolution)
         diff = np.abs(centre_crop_resize(img, resolution).astype(np.float64) - ref)
-        assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
+        assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())  # LANCZOS: > 0.3
 
 
 def test_crop_geometry(records):

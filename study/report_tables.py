@@ -1,0 +1,280 @@
+"""Paper-style tables of evaluated trials, as Markdown and CSV strings (pure pandas; no MLflow).
+
+Input: a DataFrame with one row per evaluated trial (a (family / setting, run) pair), holding the metric columns
+that :func:`study.evaluate.evaluate_model` produces (``<prefix>_mse_255``, ``<prefix>_mse_255_std``, ...; see
+:meth:`study.evaluate.EvaluationResult.to_row`) plus ``family``, ``setting``, ``run_id`` and ``elbo_valid``. A
+metric that is missing or NaN is shown as ``unavailable`` (e.g. FID without the Inception weights). Rows keep the
+order (family, setting, run_id); pick the runs to show (e.g. the best run per setting) before calling.
+
+Tables (the papers' layouts, SPEC "Facts from the papers' own text"):
+
+- ``dorta_table1``: Dorta et al. 2018, Table 1: NLL (IWAE bound, nats per image, mean +- std over test images;
+  lower is better) and bits per dimension, avg KL, mutual information, marginal KL, max MI = log N. Only rows with
+  ``elbo_valid`` true: losses that are not normalised densities have no NLL and are never ranked by it; they are
+  named in a note under the Markdown table.
+- ``dorta_table2``: Dorta et al. 2018, Table 2: MSE on the [0, 255] scale, mean +- std over images.
+- ``avae``: Plumerault et al. 2020 (AVAE): MSE, LPIPS, FID. MSE is given on the [0, 1] scale and, for comparison
+  with AVAE's printed numbers, on AVAE's [-1, 1] scale (4x); FID of reconstructions and of prior samples vs the test
+  images, from the study's one FID implementation (comparable within the study only).
+- ``all_metrics``: PSNR, SSIM, sharpness and gradient ratios (reconstructions and samples vs inputs), Asperti's
+  variance loss for reconstructions and samples and its ratio to the MSE, for every row.
+
+Formatting: ``mean +- std`` with the std rounded to 2 significant digits and the mean to the same decimal place
+(never dropping integer digits: -4016 +- 813); single values with 4 significant digits. The CSV holds the raw
+numbers (``<column> mean`` and ``<column> std`` as separate columns, full precision) with the literal string
+``unavailable`` where a value is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+PM = " +- "
+UNAVAILABLE = "unavailable"
+ID_COLUMNS = ("family", "setting", "run_id")
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        return not math.isfinite(float(value))  # NaN and +-inf (a perfect PSNR is inf, but not a table entry)
+    except (TypeError, ValueError):
+        return True
+
+
+def _decimals_for(value: float, significant: int) -> int:
+    """Decimal places that show ``significant`` significant digits of ``value``, never negative."""
+    if value == 0:
+        return significant - 1
+    return max(0, significant - 1 - math.floor(math.log10(abs(value))))
+
+
+def format_value(value: object, significant: int = 4) -> str:
+    """A number with ``significant`` significant digits (no exponent between 1e-4 and 1e6); ``unavailable``.
+
+    Args:
+        value: a float (NaN / None / non-numeric: unavailable).
+        significant: digits to keep (>= 1). Integer digits are never rounded away (12345.6 -> ``12346``).
+
+    Returns:
+        str, e.g. ``339.7``, ``0.01234``, ``-4016``.
+    """
+    if _is_missing(value):
+        return UNAVAILABLE
+    x = float(value)  # type: ignore[arg-type]
+    if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-4):
+        return f"{x:.{significant - 1}e}"
+    return f"{x:.{_decimals_for(x, significant)}f}"
+
+
+def format_mean_std(mean: object, std: object, std_digits: int = 2, significant: int = 4) -> str:
+    """``mean +- std`` rounded to the std's precision: std to ``std_digits`` significant digits, mean alike.
+
+    Integer digits are never rounded away (Dorta's ``-4016 +- 813``, ``704 +- 324``); small values keep enough
+    decimals (``0.0300 +- 0.0120`` -> ``0.030 +- 0.012``). Without a usable std (missing, zero) the mean alone is
+    shown with ``significant`` digits; a missing mean gives ``unavailable``.
+
+    Args:
+        mean, std: floats (NaN / None: missing).
+        std_digits: significant digits of the std (>= 1).
+        significant: digits of a mean shown without a std.
+
+    Returns:
+        str.
+    """
+    if _is_missing(mean):
+        return UNAVAILABLE
+    if _is_missing(std) or float(std) == 0:  # type: ignore[arg-type]
+        return format_value(mean, significant)
+    m, s = float(mean), abs(float(std))  # type: ignore[arg-type]
+    decimals = _decimals_for(s, std_digits)
+    if abs(m) >= 1e6 or max(abs(m), s) < 1e-4:
+        return f"{m:.{significant - 1}e}{PM}{s:.{std_digits - 1}e}"
+    return f"{m:.{decimals}f}{PM}{s:.{decimals}f}"
+
+
+def _as_bool(value: object) -> bool:
+    """``elbo_valid`` as stored anywhere: bool, 0 / 1, or the strings MLflow params come back as."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    if _is_missing(value):
+        return False
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One table column: its header and how to read it from a row (a metric, or a metric and its std)."""
+
+    header: str
+    metric: str
+    with_std: bool = False
+
+
+def _cell(row: pd.Series, col: _Column, prefix: str) -> str:
+    mean = row.get(f"{prefix}_{col.metric}")
+    if col.with_std:
+        return format_mean_std(mean, row.get(f"{prefix}_{col.metric}_std"))
+    return format_value(mean)
+
+
+def _raw(row: pd.Series, name: str) -> object:
+    value = row.get(name)
+    return UNAVAILABLE if _is_missing(value) else float(value)  # type: ignore[arg-type]
+
+
+def _escape(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(_escape(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_escape(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ordered(df: pd.DataFrame) -> pd.DataFrame:
+    frame = df.copy()
+    for col in ID_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = ""
+    return frame.sort_values(list(ID_COLUMNS), kind="stable", key=lambda s: s.astype(str)).reset_index(drop=True)
+
+
+def _build(df: pd.DataFrame, columns: list[_Column], prefix: str, caption: str, note: str = "") -> tuple[str, str]:
+    """(markdown, csv) of ``df``'s rows with the id columns and ``columns``."""
+    ids = ["Family", "Setting", "Run"]
+    md_rows = [[str(r["family"]), str(r["setting"]), str(r["run_id"])] + [_cell(r, c, prefix) for c in columns]
+               for _, r in df.iterrows()]
+    markdown = f"{caption}\n\n" + _markdown(ids + [c.header for c in columns], md_rows)
+    if note:
+        markdown += f"\n{note}\n"
+    records = []
+    for _, r in df.iterrows():
+        rec: dict[str, object] = {"family": r["family"], "setting": r["setting"], "run_id": r["run_id"]}
+        for c in columns:
+            if c.with_std:
+                rec[f"{c.header} mean"] = _raw(r, f"{prefix}_{c.metric}")
+                rec[f"{c.header} std"] = _raw(r, f"{prefix}_{c.metric}_std")
+            else:
+                rec[c.header] = _raw(r, f"{prefix}_{c.metric}")
+        records.append(rec)
+    csv_columns = list(ID_COLUMNS) + [
+        name for c in columns for name in ((f"{c.header} mean", f"{c.header} std") if c.with_std else (c.header,))
+    ]
+    csv = pd.DataFrame.from_records(records, columns=csv_columns).to_csv(index=False)
+    return markdown, csv
+
+
+def dorta_table1(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+    """Dorta et al. 2018, Table 1 style: NLL (nats, mean +- std), bits/dim, avg KL, MI, marginal KL, log N.
+
+    Only rows whose ``elbo_valid`` is true; the others are listed in a note under the Markdown table (never ranked
+    by NLL). Returns (markdown, csv).
+    """
+    frame = _ordered(df)
+    valid = frame["elbo_valid"].map(_as_bool) if "elbo_valid" in frame.columns else pd.Series(False, frame.index)
+    columns = [
+        _Column("NLL (nats)", "nll", with_std=True),
+        _Column("NLL (bits/dim)", "nll_bits_per_dim"),
+        _Column("Avg KL", "avg_kl"),
+        _Column("MI", "mutual_information"),
+        _Column("Marginal KL", "marginal_kl"),
+        _Column("Max MI (log N)", "max_mutual_information"),
+    ]
+    excluded = frame[~valid]
+    note = ""
+    if len(excluded):
+        names = ", ".join(f"{r['family']}/{r['setting']} ({r['run_id']})" for _, r in excluded.iterrows())
+        note = (f"Not listed (reconstruction loss is not a normalised density, elbo_valid = false, so it has no NLL "
+                f"and is never ranked by one): {names}.")
+    caption = ("*Dorta et al. 2018, Table 1 style. NLL: importance-weighted bound (Burda et al. 2016), nats per "
+               "image on the [0, 1] density scale (can be negative), mean +- std over test images; lower is better. "
+               "Avg KL = MI + marginal KL (ELBO surgery, Hoffman & Johnson 2016, S = N test images), nats.*")
+    return _build(frame[valid], columns, prefix, caption, note)
+
+
+def dorta_table2(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+    """Dorta et al. 2018, Table 2 style: MSE on [0, 255], mean +- std over images. Returns (markdown, csv)."""
+    caption = ("*Dorta et al. 2018, Table 2 style. MSE of the reconstruction per pixel on the [0, 255] scale, "
+               "mean +- std over test images; lower is better.*")
+    return _build(_ordered(df), [_Column("MSE [0, 255]", "mse_255", with_std=True)], prefix, caption)
+
+
+def avae_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+    """AVAE (Plumerault et al. 2020) style: MSE ([0, 1] and [-1, 1]), LPIPS, FID. Returns (markdown, csv)."""
+    columns = [
+        _Column("MSE [0, 1]", "mse", with_std=True),
+        _Column("MSE [-1, 1] (AVAE scale)", "mse_pm1", with_std=True),
+        _Column("LPIPS", "lpips", with_std=True),
+        _Column("FID recon", "fid_recon"),
+        _Column("FID samples", "fid_samples"),
+    ]
+    caption = ("*AVAE (Plumerault et al. 2020) style. MSE per pixel on the [0, 1] scale (and x4 on AVAE's [-1, 1] "
+               "scale), LPIPS-Alex v0.1, mean +- std over test images; FID of reconstructions and of prior samples "
+               "against the test images with the study's single FID implementation (not comparable with published "
+               "FIDs). Lower is better for all.*")
+    return _build(_ordered(df), columns, prefix, caption)
+
+
+def all_metrics_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+    """PSNR, SSIM, sharpness / gradient ratios, variance losses and VL / MSE for every row. Returns (md, csv)."""
+    columns = [
+        _Column("MSE [0, 1]", "mse", with_std=True),
+        _Column("PSNR (dB)", "psnr", with_std=True),
+        _Column("SSIM", "ssim", with_std=True),
+        _Column("Sharpness ratio", "sharpness_ratio"),
+        _Column("Gradient ratio", "gradient_ratio"),
+        _Column("Sample sharpness ratio", "sample_sharpness_ratio"),
+        _Column("Variance loss recon", "variance_loss_recon"),
+        _Column("Variance loss samples", "variance_loss_samples"),
+        _Column("VL / MSE", "variance_loss_mse_ratio"),
+    ]
+    caption = ("*All reconstruction metrics. PSNR and SSIM on [0, 1] images, mean +- std over test images. "
+               "Sharpness ratio: mean Laplacian variance of reconstructions (or samples) / inputs; gradient ratio: "
+               "the same for the Sobel magnitude (< 1 = blurrier). Variance loss (Asperti 2020): mean per-pixel "
+               "variance of the test images minus that of their reconstructions / of as many prior samples, [0, 1]^2 "
+               "units; VL / MSE is close to 1 when the loss of variance is all reconstruction error.*")
+    return _build(_ordered(df), columns, prefix, caption)
+
+
+#: Table name -> builder, in report order.
+TABLES: dict[str, Callable[[pd.DataFrame, str], tuple[str, str]]] = {
+    "dorta_table1": dorta_table1,
+    "dorta_table2": dorta_table2,
+    "avae": avae_table,
+    "all_metrics": all_metrics_table,
+}
+
+
+def paper_tables(df: pd.DataFrame, prefix: str = "test") -> dict[str, tuple[str, str]]:
+    """Every table: name -> (markdown, csv), names as in :data:`TABLES`.
+
+    Args:
+        df: one row per evaluated trial; columns ``family``, ``setting``, ``run_id``, ``elbo_valid`` and
+            ``<prefix>_<metric>`` / ``<prefix>_<metric>_std`` metric columns (missing ones show as unavailable).
+        prefix: the evaluated split's metric prefix.
+
+    Returns:
+        dict name -> (Markdown string, CSV string).
+    """
+    return {name: build(df, prefix) for name, build in TABLES.items()}
+
+
+__all__ = [
+    "PM",
+    "TABLES",
+    "UNAVAILABLE",
+    "all_metrics_table",
+    "avae_table",
+    "dorta_table1",
+    "dorta_table2",
+    "format_mean_std",
+    "format_value",
+    "paper_tables",
+]
