@@ -25,11 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         f"sweep {summary['sweep']}: {summary['num_trials']} trials, {summary['num_early_stopped']} stopped early "
         f"by the scheduler, {summary['num_failed']} failed; parent MLflow run {summary['parent_run_id']}"
     )
-    if best is None:
+    if not summary["best_per_variant"]:
         print("error: no trial finished", file=sys.stderr)
         return 1
-    print(f"best trial {best['trial_id']}: {summary['metric']} = {best['metrics'][summary['metric']]:.2f} "
-          f"with {best['config']}")
+    for variant, trial in summary["best_per_variant"].items():
+        print(f"best {variant} trial {trial['trial_id']}: {trial['metric']} = {trial['metrics'][trial['metric']]:.2f} "
+              f"with {trial['config']}")
+    if best is not None:
+        print(f"best overall by {summary['metric']}: {best['variant']} trial {best['trial_id']}")
     return 0
 
 

@@ -239,6 +239,11 @@ class TrialConfig(_Strict):
     likelihood: LikelihoodConfig = LikelihoodConfig()
     train: TrainConfig = TrainConfig()
 
+    @property
+    def family(self) -> str:
+        """The arm's label in reports: ``avae`` for the adversarial model, else the likelihood family."""
+        return "avae" if self.model.kind == "avae" else self.likelihood.family
+
     def digest(self) -> str:
         """sha256 (hex, 16 chars) of the canonical JSON of this config: a trial's reproducibility key."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
@@ -289,6 +294,14 @@ class ResourcesConfig(_Strict):
     gpu: float = Field(default=0.0, ge=0.0)  # fractions let several trials share one GPU
 
 
+class VariantConfig(_Strict):
+    """One arm of a comparison sweep: trial-config overrides and, optionally, its own selection metric."""
+
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted path -> value, e.g. {model.kind: avae}
+    metric: str | None = None  # default: sweep.metric (an AVAE has no ELBO: select it by val_mse_255)
+    mode: Literal["min", "max"] | None = None
+
+
 class SweepConfig(_Strict):
     name: str = "celeba-gaussian"
     num_trials: int = Field(default=6)
@@ -298,9 +311,11 @@ class SweepConfig(_Strict):
     mode: Literal["min", "max"] = "max"
     searcher: SearcherConfig = SearcherConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    # Likelihood families to compare with equal budgets: one search of ``num_trials`` per family under the
-    # same parent run. Empty: search the base config's family only.
+    # Arms compared with equal budgets: one search of ``num_trials`` per arm under the same parent run.
+    # ``families`` is shorthand for variants that only set likelihood.family; ``variants`` can set anything
+    # (e.g. model.kind: avae) and pick their own metric. Neither: search the base config alone.
     families: list[Family] = Field(default_factory=list)
+    variants: dict[str, VariantConfig] = Field(default_factory=dict)
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
     # Ray Tune's results (checkpoints, experiment state), relative to the working directory.
     storage_path: Path = Path("ray_results")
@@ -312,6 +327,19 @@ class SweepConfig(_Strict):
         if v < 1:
             raise ValueError("num_trials must be at least 1")
         return v
+
+    @model_validator(mode="after")
+    def _one_way_to_compare(self) -> "SweepConfig":
+        if self.families and self.variants:
+            raise ValueError("give either sweep.families or sweep.variants, not both")
+        return self
+
+    def arms(self, base_family: str) -> dict[str, VariantConfig]:
+        """The sweep's arms: name -> variant (a single arm named after the base family when none are given)."""
+        if self.variants:
+            return dict(self.variants)
+        families = self.families or [base_family]
+        return {f: VariantConfig(overrides={"likelihood.family": f}) for f in families}
 
 
 class TrackingConfig(_Strict):
@@ -338,9 +366,15 @@ class StudyParams(_Strict):
 
     @model_validator(mode="after")
     def _search_paths_exist(self) -> "StudyParams":
-        base = self.base_trial_config().model_dump()
+        base = self.base_trial_config()
+        tree = base.model_dump()
         for path in self.sweep.search_space:
-            _get_path(base, path, what=f"sweep.search_space key {path!r}")
+            _get_path(tree, path, what=f"sweep.search_space key {path!r}")
+        for name, variant in self.sweep.variants.items():
+            try:
+                resolve_trial_config(base, variant.overrides)
+            except ConfigError as err:
+                raise ValueError(f"sweep.variants.{name}: {err}") from None
         return self
 
     def base_trial_config(self) -> TrialConfig:

@@ -82,6 +82,9 @@ def trials_table(runs: pd.DataFrame, sampled: list[str]) -> pd.DataFrame:
             "elbo_valid": runs.get("tags.elbo_valid"),
             "epochs_run": pd.to_numeric(runs.get("tags.epochs_run"), errors="coerce"),
             "early_stopped": runs.get("tags.early_stopped"),
+            "variant": runs.get("tags.sweep_variant"),
+            "selection_metric": runs.get("tags.selection_metric"),
+            "selection_mode": runs.get("tags.selection_mode"),
         }
     )
     for path in sampled:
@@ -104,15 +107,27 @@ def _setting(family: str, runs_row: pd.Series) -> str:
 
 
 def best_per_setting(table: pd.DataFrame, runs: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """Best finished trial of each likelihood setting by ``metric`` (the sweep's selection metric, applied
-    within each setting), sorted by it; a ``setting`` column labels the rows."""
-    finished = table[(table["status"] == "FINISHED") & table[metric].notna()].copy()
+    """Best finished trial of each setting, chosen by that trial's own selection metric (the sweep's, or its
+    arm's, e.g. ``val_mse_255`` for an AVAE), sorted by the sweep's ``metric`` where present; a ``setting``
+    column labels the rows."""
+    finished = table[table["status"] == "FINISHED"].copy()
     if finished.empty:
         return finished.assign(setting=[])
     finished["setting"] = [_setting(r["family"], runs.loc[i]) for i, r in finished.iterrows()]
-    ascending = mode == "min"
-    best = finished.sort_values(metric, ascending=ascending).groupby("setting", sort=False).head(1)
-    return best.sort_values(metric, ascending=ascending)
+    chosen = []
+    for _, group in finished.groupby("setting", sort=False):
+        selection = group["selection_metric"].dropna()
+        own_metric = selection.iloc[0] if len(selection) else metric
+        own_mode = group["selection_mode"].dropna().iloc[0] if group["selection_mode"].notna().any() else mode
+        if own_metric not in group or group[own_metric].isna().all():
+            continue
+        chosen.append(group.sort_values(own_metric, ascending=own_mode == "min").iloc[0])
+    best = pd.DataFrame(chosen)
+    if best.empty:
+        return best.assign(setting=[])
+    if metric in best:
+        best = best.sort_values(metric, ascending=mode == "min", na_position="last")
+    return best
 
 
 def _markdown_table(frame: pd.DataFrame, columns: list[str]) -> str:
@@ -186,7 +201,7 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
     ]
     if not losses.empty:
         md += [
-            "\n## Comparison losses (not normalised likelihoods: never ranked by ELBO or NLL)\n",
+            "\n## Other arms (comparison losses and the AVAE: not normalised likelihoods, never ranked by ELBO or NLL)\n",
             _markdown_table(losses, loss_columns),
         ]
     if not failed.empty:

@@ -128,14 +128,18 @@ def _trainable(config: dict[str, Any], base: dict[str, Any]) -> None:
 class MlflowCallback(Callback):
     """Driver-side Tune callback that mirrors trials into MLflow child runs (see ``study.tracking``)."""
 
-    def __init__(self, tracker: SweepTracker, base: TrialConfig, epochs: int) -> None:
+    def __init__(self, tracker: SweepTracker, base: TrialConfig, epochs: int, variant: str, metric: str, mode: str) -> None:
         self.tracker = tracker
         self.base = base
         self.epochs = epochs
+        self.variant, self.metric, self.mode = variant, metric, mode
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         config = resolve_trial_config(self.base, _overrides(trial.config))
-        self.tracker.start_trial(trial.trial_id, _overrides(trial.config), config, family_elbo_valid(config.likelihood.family))
+        self.tracker.start_trial(
+            trial.trial_id, _overrides(trial.config), config, family_elbo_valid(config.family),
+            variant=self.variant, metric=self.metric, mode=self.mode,
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.tracker.log_epoch(trial.trial_id, result)
@@ -148,7 +152,7 @@ class MlflowCallback(Callback):
         done = self.tracker.epochs_run.get(trial.trial_id, 0)
         last = trial.last_result or {}
         print(f"trial {trial.trial_id} finished after {done}/{self.epochs} epochs"
-              f"{' (stopped early)' if done < self.epochs else ''}: {last.get('val_elbo', float('nan')):.1f} val_elbo "
+              f"{' (stopped early)' if done < self.epochs else ''}: {self.metric} {last.get(self.metric, float('nan')):.1f} "
               f"{dict(trial.config)}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -165,7 +169,7 @@ def _error_text(trial) -> str:
     return str(getattr(trial, "error_msg", None) or "trial failed")
 
 
-def _searcher(params: StudyParams, base: TrialConfig, seed_offset: int = 0) -> OptunaSearch:
+def _searcher(params: StudyParams, base: TrialConfig, metric: str, mode: str, seed_offset: int = 0) -> OptunaSearch:
     sweep = params.sweep
     seed = sweep.searcher.seed + seed_offset
     sampler = (
@@ -176,17 +180,17 @@ def _searcher(params: StudyParams, base: TrialConfig, seed_offset: int = 0) -> O
     space = DefineByRunSpace(sweep.search_space, base)
     # metric and mode go to the searcher and scheduler themselves: Tune does not forward them through the
     # ConcurrencyLimiter that max_concurrent_trials wraps around the searcher.
-    return OptunaSearch(space=space, metric=sweep.metric, mode=sweep.mode, sampler=sampler)
+    return OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
 
 
-def _scheduler(params: StudyParams):
+def _scheduler(params: StudyParams, metric: str, mode: str):
     sched = params.sweep.scheduler
     if sched.kind == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="training_iteration",
-        metric=params.sweep.metric,
-        mode=params.sweep.mode,
+        metric=metric,
+        mode=mode,
         max_t=params.train.epochs,
         grace_period=min(sched.grace_period, params.train.epochs),
         reduction_factor=sched.reduction_factor,
@@ -197,7 +201,7 @@ def _elbo_based(metric: str) -> bool:
     return any(part in metric for part in ("elbo", "log_likelihood", "bits_per_dim", "nll"))
 
 
-def _collect(results, tracker: SweepTracker, family: str) -> list[dict[str, Any]]:
+def _collect(results, tracker: SweepTracker, variant: str, family: str, metric: str, mode: str) -> list[dict[str, Any]]:
     trials = []
     for result in results:
         metrics = result.metrics or {}
@@ -206,7 +210,10 @@ def _collect(results, tracker: SweepTracker, family: str) -> list[dict[str, Any]
             {
                 "trial_id": trial_id,
                 "run_id": tracker.children.get(trial_id),
+                "variant": variant,
                 "family": family,
+                "metric": metric,
+                "mode": mode,
                 "status": "FAILED" if result.error else "FINISHED",
                 "error": str(result.error).strip().splitlines()[-1] if result.error else None,
                 "config": dict(result.config or {}),
@@ -242,52 +249,55 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
     tracker = SweepTracker(client, experiment_id, params, fingerprint)
     sweep = params.sweep
     resources = {"cpu": sweep.resources_per_trial.cpu, "gpu": sweep.resources_per_trial.gpu}
-    families = sweep.families or [base.likelihood.family]
+    arms = sweep.arms(base.likelihood.family)
 
     init_ray()
     trials: list[dict[str, Any]] = []
     try:
-        # One search per family with the same budget, so families are compared at equal tuning effort.
-        for index, family in enumerate(families):
-            family_base = base.model_copy(
-                update={"likelihood": base.likelihood.model_copy(update={"family": family})}
-            )
+        # One search per arm with the same budget, so arms are compared at equal tuning effort.
+        for index, (variant, arm) in enumerate(arms.items()):
+            arm_base = resolve_trial_config(base, arm.overrides)
+            metric, mode = arm.metric or sweep.metric, arm.mode or sweep.mode
             trainable = tune.with_resources(
-                tune.with_parameters(_trainable, base=family_base.model_dump(mode="json")), resources
+                tune.with_parameters(_trainable, base=arm_base.model_dump(mode="json")), resources
             )
-            name = sweep.name if len(families) == 1 else f"{sweep.name}-{family}"
+            name = sweep.name if len(arms) == 1 else f"{sweep.name}-{variant}"
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=_searcher(params, family_base, seed_offset=index),
-                    scheduler=_scheduler(params),
+                    search_alg=_searcher(params, arm_base, metric, mode, seed_offset=index),
+                    scheduler=_scheduler(params, metric, mode),
                     num_samples=sweep.num_trials,
                     max_concurrent_trials=sweep.max_concurrent,
                 ),
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=str((workdir / sweep.storage_path).resolve()),
-                    callbacks=[MlflowCallback(tracker, family_base, params.train.epochs)],
+                    callbacks=[MlflowCallback(tracker, arm_base, params.train.epochs, variant, metric, mode)],
                     failure_config=tune.FailureConfig(max_failures=0),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     verbose=0,  # one line per finished trial comes from MlflowCallback instead
                 ),
             )
-            trials += _collect(tuner.fit(), tracker, family)
+            trials += _collect(tuner.fit(), tracker, variant, arm_base.family, metric, mode)
     except BaseException:
         tracker.finish_sweep("FAILED")
         raise
 
-    finished = [t for t in trials if t["status"] == "FINISHED" and sweep.metric in t["metrics"]]
-    sign = 1 if sweep.mode == "max" else -1
-    # An ELBO-based metric only ranks families whose log_prob is a density (never the comparison losses).
-    rankable = [t for t in finished if family_elbo_valid(t["family"]) or not _elbo_based(sweep.metric)]
-    best = max(rankable, key=lambda t: sign * t["metrics"][sweep.metric]) if rankable else None
-    best_per_family = {
-        family: max(group, key=lambda t: sign * t["metrics"][sweep.metric])
-        for family in families
-        if (group := [t for t in finished if t["family"] == family])
+    def score(t: dict[str, Any]) -> float:
+        return (1 if t["mode"] == "max" else -1) * t["metrics"][t["metric"]]
+
+    finished = [t for t in trials if t["status"] == "FINISHED" and t["metric"] in t["metrics"]]
+    best_per_variant = {
+        variant: max(group, key=score) for variant in arms if (group := [t for t in finished if t["variant"] == variant])
     }
+    # Across arms only trials selected by the sweep's own metric compete, and an ELBO-based metric only ranks
+    # families whose log_prob is a density (never the comparison losses or the AVAE).
+    rankable = [
+        t for t in finished
+        if t["metric"] == sweep.metric and (family_elbo_valid(t["family"]) or not _elbo_based(sweep.metric))
+    ]
+    best = max(rankable, key=score) if rankable else None
     summary = {
         "sweep": sweep.name,
         "tracking_uri": tracking_uri(params.tracking),
@@ -300,9 +310,9 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
         "num_trials": len(trials),
         "num_failed": sum(t["status"] == "FAILED" for t in trials),
         "num_early_stopped": sum(t["status"] == "FINISHED" and t["epochs"] < params.train.epochs for t in trials),
-        "families": families,
+        "variants": {name: arm.model_dump(mode="json") for name, arm in arms.items()},
         "best_trial": best,
-        "best_per_family": best_per_family,
+        "best_per_variant": best_per_variant,
         "trials": trials,
     }
     tracker.finish_sweep("FINISHED", summary)

@@ -136,7 +136,16 @@ class SweepTracker:
         return runs[0].info.run_id if runs else None
 
     # ------------------------------------------------------------------------------------------ trials
-    def start_trial(self, trial_id: str, overrides: dict[str, Any], config: TrialConfig, elbo_valid: bool) -> str:
+    def start_trial(
+        self,
+        trial_id: str,
+        overrides: dict[str, Any],
+        config: TrialConfig,
+        elbo_valid: bool,
+        variant: str = "",
+        metric: str = "",
+        mode: str = "",
+    ) -> str:
         """The child run of a trial: the existing one (a restored trial) or a new one. Returns its run id."""
         if trial_id in self.children:
             return self.children[trial_id]
@@ -153,9 +162,12 @@ class SweepTracker:
                 TRIAL_TAG: trial_id,
                 "config_hash": config.digest(),
                 "data_sha256": self.data_fingerprint,
-                "likelihood_family": config.likelihood.family,
+                "likelihood_family": config.family,
                 "elbo_valid": str(elbo_valid).lower(),
                 "sweep_name": self.params.sweep.name,
+                "sweep_variant": variant or config.family,
+                "selection_metric": metric or self.params.sweep.metric,
+                "selection_mode": mode or self.params.sweep.mode,
             },
         )
         run_id = run.info.run_id

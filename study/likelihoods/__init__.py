@@ -60,8 +60,9 @@ FAMILY_CLASSES: dict[str, type[Likelihood]] = {
 
 
 def family_elbo_valid(family: str) -> bool:
-    """Whether a family's ``log_prob`` is a normalised density (so ELBO and NLL mean something)."""
-    return FAMILY_CLASSES[family].elbo_valid
+    """Whether a family's ``log_prob`` is a normalised density (so ELBO and NLL mean something); ``avae``
+    (a training scheme whose reconstructions come from a generator) has none."""
+    return family != "avae" and FAMILY_CLASSES[family].elbo_valid
 
 
 def build_likelihood(
