@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from study.likelihoods.blur import BlurErrorLikelihood
 from study.likelihoods.gaussian import GaussianLikelihood
 from study.likelihoods.structured import StructuredGaussianLikelihood
 from study.likelihoods.structured_sampling import dense_factor, solve_upper_banded, solve_upper_dense
@@ -44,6 +45,8 @@ CASES = {
     "structured n_f=3, basis 4": lambda: StructuredGaussianLikelihood(3, num_basis=4),
     "structured n_f=7, basis 4": lambda: StructuredGaussianLikelihood(7, num_basis=4),
     "structured dilations [1, 2]": lambda: StructuredGaussianLikelihood(dilations=[1, 2]),
+    # The blur likelihood estimates its kernel in closed form every step (Wiener least squares per image).
+    "blur k=5, wiener_ls": lambda: BlurErrorLikelihood(5, noise_mode="learned_global", noise_sigma=0.1),
 }
 
 

@@ -1,53 +1,89 @@
-"""DVC stage ``prepare``: raw CelebA -> ``data/prepared/celeba/{train,val,test}.npy`` + ``manifest.json``."""
+"""DVC stage ``prepare@<dataset>``: raw images -> ``<prepare.output_root>/<dataset>/`` arrays + ``manifest.json``.
+
+CelebA (``kind: celeba``) is cropped as Larsen et al. 2016; LSUN (``kind: lsun``) is centre-cropped and resized,
+with LSUN's validation LMDB as the test split. The output directory is replaced atomically: an interrupted run
+(Ctrl-C or SIGTERM) leaves the previous complete output, or nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
-from study.config import ConfigError, load_params
-from study.data.celeba import prepare_celeba
-from study.data.color import to_storage
-from study.data.store import write_prepared
+from study.config import CelebADatasetConfig, ConfigError, load_params
+
+
+def _terminate(signum, frame) -> None:  # SIGTERM -> SystemExit, so the atomic writer removes its temporary
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
+    parser.add_argument("--dataset", help="entry of `datasets` to prepare (default: all of them)")
+    parser.add_argument("--skip-corrupt", action="store_true", default=None,
+                        help="skip undecodable images / records and count them in the manifest (default: "
+                             "prepare.skip_corrupt, false: stop at the first one)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        cfg = load_params(args.params).prepare
+        params = load_params(args.params)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    started = time.perf_counter()
-    try:
-        arrays = prepare_celeba(cfg.root, cfg.partition_file, cfg.resolution, cfg.workers)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    stored = {
-        f"{split}{suffix}": array
-        for split, rgb in arrays.items()
-        for suffix, array in to_storage(rgb, cfg.color, cfg.chroma_factor).items()
-    }
-    manifest = write_prepared(
-        cfg.output,
-        stored,
-        {
-            "dataset": cfg.dataset,
-            "color": cfg.color,
-            "chroma_factor": cfg.chroma_factor if cfg.color == "ycbcr" else 1,
-            "source": str(cfg.root),
-            "partition_file": str(cfg.partition_file or cfg.root / "list_eval_partition.txt"),
-            "params": cfg.model_dump(mode="json"),
-            "preprocessing": "Larsen et al. 2016: img[40:188, 15:163], Gaussian sigma=sqrt(148/R)/2, bicubic",
-        },
-    )
-    counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items() if k in arrays)
-    print(f"prepared {cfg.dataset} ({cfg.color}) at {cfg.resolution}x{cfg.resolution} into {cfg.output}: {counts} "
-          f"({time.perf_counter() - started:.1f} s)")
+    names = [args.dataset] if args.dataset else list(params.datasets)
+    unknown = [n for n in names if n not in params.datasets]
+    if unknown:
+        print(f"error: no dataset {unknown[0]!r} in params.yaml (datasets: {sorted(params.datasets)})", file=sys.stderr)
+        return 2
+    cfg = params.prepare
+    skip = cfg.skip_corrupt if args.skip_corrupt is None else args.skip_corrupt
+
+    from study.data.color import to_storage
+    from study.data.store import write_prepared
+
+    for name in names:
+        dataset = params.datasets[name]
+        started = time.perf_counter()
+        try:
+            if isinstance(dataset, CelebADatasetConfig):
+                from study.data.celeba import prepare_celeba
+
+                arrays, info = prepare_celeba(dataset.root, dataset.partition_file, cfg.resolution, cfg.workers, skip)
+            else:
+                from study.data.lsun import prepare_lsun
+
+                arrays, info = prepare_lsun(
+                    dataset.root / f"{dataset.category}_train_lmdb", dataset.root / f"{dataset.category}_val_lmdb",
+                    cfg.resolution, val_fraction=dataset.val_fraction, seed=dataset.seed, workers=cfg.workers,
+                    skip_corrupt=skip,
+                )
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        stored = {
+            f"{split}{suffix}": array
+            for split, rgb in arrays.items()
+            for suffix, array in to_storage(rgb, cfg.color, cfg.chroma_factor).items()
+        }
+        output = params.dataset_dir(name)
+        manifest = write_prepared(
+            output,
+            stored,
+            {
+                **info,
+                "name": name,
+                "color": cfg.color,
+                "chroma_factor": cfg.chroma_factor if cfg.color == "ycbcr" else 1,
+                "params": {"dataset": dataset.model_dump(mode="json"), "prepare": cfg.model_dump(mode="json")},
+            },
+        )
+        counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items() if k in arrays)
+        skipped = info.get("skipped_count", 0)
+        print(f"prepared {name} ({cfg.color}) at {cfg.resolution}x{cfg.resolution} into {output}: {counts}"
+              f"{f', {skipped} corrupt skipped' if skipped else ''} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

@@ -29,6 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(summary_path.read_text())
     client, _ = connect(params.tracking)
     metrics = write_report(summary, params.report.output_dir, client)
+    evaluation = Path(params.evaluate.output_dir)
+    if (evaluation / "summary.json").is_file():
+        from study.report import load_runs, trials_table, write_paper_report
+
+        runs = load_runs(client, summary["experiment_id"], summary["parent_run_id"])
+        trials = trials_table(runs, sorted({k for t in summary["trials"] for k in t["config"]}))
+        written = write_paper_report(evaluation, params.report.output_dir, trials)
+        from study.atomic import atomic_write_text
+
+        summary_md = Path(params.report.output_dir) / "summary.md"
+        tables = [written[f"{name}.md"].read_text() for name in ("dorta_table1", "dorta_table2", "avae", "all_metrics")
+                  if f"{name}.md" in written]
+        atomic_write_text(summary_md, summary_md.read_text() + "\n## Test-set evaluation of the best trial per arm\n\n"
+                          + "\n".join(tables) + "\nFigures: `figures/`.\n")
+        print(f"paper tables and figures: {', '.join(sorted(written))}")
     best = metrics.get("best", {})
     print(f"report in {params.report.output_dir}/: {metrics['num_trials']} trials, best {best.get('setting')} "
           f"val_elbo {best.get('val_elbo', float('nan')):.1f} nats, val_mse_255 {best.get('val_mse_255', float('nan')):.1f}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,22 +33,45 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- prepare
-class PrepareConfig(_Strict):
-    """The ``prepare`` stage: raw images -> uint8 arrays (N, H, W, 3) per split plus a manifest."""
+class CelebADatasetConfig(_Strict):
+    """CelebA's aligned-and-cropped release, prepared with Larsen et al. 2016's crop (SPEC §3.3)."""
 
-    dataset: Literal["celeba"] = "celeba"
-    # Folder holding ``img_align_celeba/`` (the aligned-and-cropped release) and ``list_eval_partition.txt``.
+    kind: Literal["celeba"] = "celeba"
+    # Folder holding ``img_align_celeba/`` and ``list_eval_partition.txt``.
     root: Path = Path("data/sample/celeba")
     # Defaults to ``<root>/list_eval_partition.txt``; the official file splits 162,770 / 19,867 / 19,962.
     partition_file: Path | None = None
+
+
+class LSUNDatasetConfig(_Strict):
+    """An LSUN category (church_outdoor): train from ``<category>_train_lmdb`` with a held-out validation
+    fraction, test from ``<category>_val_lmdb`` (LSUN's test labels are not public; Dorta et al. 2018)."""
+
+    kind: Literal["lsun"] = "lsun"
+    # Folder holding ``<category>_train_lmdb/`` and ``<category>_val_lmdb/`` (each data.mdb + lock.mdb).
+    root: Path
+    category: str = "church_outdoor"
+    val_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+DatasetConfig = Annotated[Union[CelebADatasetConfig, LSUNDatasetConfig], Field(discriminator="kind")]
+
+
+class PrepareConfig(_Strict):
+    """The ``prepare`` stages (one per entry of ``datasets``): raw images -> uint8 arrays per split + manifest."""
+
     resolution: int = 64
     # rgb: (N, H, W, 3). ycbcr (Dorta et al. 2018): Y at full resolution, Cb and Cr area-downsampled by
     # ``chroma_factor`` (16 x 16 for 64 x 64). grey: Y alone, the paper's setting for comparable NLLs.
     color: Literal["rgb", "ycbcr", "grey"] = "rgb"
     chroma_factor: int = Field(default=4, ge=1)
-    output: Path = Path("data/prepared/celeba")
-    # Decoding processes; JPEG decoding + bicubic resize is CPU bound and embarrassingly parallel.
+    # Dataset <name> is written to <output_root>/<name>.
+    output_root: Path = Path("data/prepared")
+    # Decoding processes; JPEG decoding + resizing is CPU bound and embarrassingly parallel.
     workers: int = Field(default=1, ge=1)
+    # Skip undecodable images / LMDB records (counted and listed in the manifest) instead of stopping.
+    skip_corrupt: bool = False
 
     @field_validator("resolution")
     @classmethod
@@ -304,6 +327,7 @@ class VariantConfig(_Strict):
 
 class SweepConfig(_Strict):
     name: str = "celeba-gaussian"
+    dataset: str = "celeba"  # which entry of ``datasets`` the trials train on
     num_trials: int = Field(default=6)
     max_concurrent: int = Field(default=2, ge=1)
     resources_per_trial: ResourcesConfig = ResourcesConfig()
@@ -349,6 +373,27 @@ class TrackingConfig(_Strict):
     experiment: str = "vae-blur-study"
 
 
+class EvaluateConfig(_Strict):
+    """The ``evaluate`` stage: the best trial of each sweep arm re-evaluated on one split with every metric."""
+
+    split: Literal["test", "val"] = "test"
+    # K of the importance-weighted NLL bound (Burda et al. 2016); Dorta et al. use 500 (a GPU setting).
+    num_importance_samples: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    iwae_batch_size: int = Field(default=1024, ge=1)  # latent codes decoded per call in the IWAE bound
+    num_recon_passes: int = Field(default=1, ge=1)  # 1: z = mu(x); > 1: stochastic z (Dorta's scripts used 25)
+    seed: int = 0
+    # Local backbone weights (nothing is downloaded): torchvision's alexnet-owt-7be5be79.pth for LPIPS and
+    # inception_v3_google-0cc3c7bd.pth for FID; null also looks in $TORCH_HOME/hub/checkpoints/. Missing
+    # weights make the metric "unavailable" with the reason, never a number from a random network.
+    lpips_weights: Path | None = None
+    inception_weights: Path | None = None
+    num_fid_samples: int | None = Field(default=None, ge=2)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_examples: int = Field(default=8, ge=1)  # images per arm kept for the report's figures
+    output_dir: Path = Path("reports/evaluation")
+
+
 class ReportConfig(_Strict):
     output_dir: Path = Path("reports")
 
@@ -356,13 +401,26 @@ class ReportConfig(_Strict):
 class StudyParams(_Strict):
     """The whole ``params.yaml``."""
 
+    # Datasets to prepare, one DVC stage each (``prepare@<name>``). List only those whose raw data you have.
+    datasets: dict[str, DatasetConfig] = Field(default_factory=lambda: {"celeba": CelebADatasetConfig()})
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     likelihood: LikelihoodConfig = LikelihoodConfig()
     train: TrainConfig = TrainConfig()
     sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _dataset_is_listed(self) -> "StudyParams":
+        if self.sweep.dataset not in self.datasets:
+            raise ValueError(f"sweep.dataset {self.sweep.dataset!r} is not one of datasets: {sorted(self.datasets)}")
+        return self
+
+    def dataset_dir(self, name: str | None = None) -> Path:
+        """Where dataset ``name`` (default: the sweep's) is prepared: ``<prepare.output_root>/<name>``."""
+        return self.prepare.output_root / (name or self.sweep.dataset)
 
     @model_validator(mode="after")
     def _search_paths_exist(self) -> "StudyParams":
@@ -379,7 +437,7 @@ class StudyParams(_Strict):
 
     def base_trial_config(self) -> TrialConfig:
         return TrialConfig(
-            data_dir=self.prepare.output, model=self.model, likelihood=self.likelihood, train=self.train
+            data_dir=self.dataset_dir(), model=self.model, likelihood=self.likelihood, train=self.train
         )
 
 

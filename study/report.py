@@ -9,7 +9,12 @@ files), so the report agrees with what ``mlflow ui`` shows. Outputs (all written
   with ELBO, KL, bits per dimension and MSE on [0, 255];
 - ``metrics.json``: the best trial's metrics and the sweep's counts, for ``dvc metrics show``;
 - ``best_reconstructions.png``: the best trial's validation reconstructions below their inputs, with prior
-  samples beside them.
+  samples beside them;
+- with an ``evaluate`` stage's results (:func:`write_paper_report`): ``tables/`` (Dorta et al. Table 1: NLL,
+  avg KL, MI, marginal KL; Table 2: MSE on [0, 255] mean +- std; the AVAE table: MSE, LPIPS, FID; all metrics)
+  as Markdown and CSV, and ``figures/``: input / reconstruction / sample grids of every arm side by side,
+  residual maps, MSE against sharpness for all trials with the Pareto front, and variance loss against MSE
+  for all trials (Asperti 2020).
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from study.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from study.report_figures import (  # noqa: E402
+    grid_comparison,
+    pareto_mse_sharpness,
+    residual_maps,
+    variance_loss_vs_mse,
+)
+from study.report_tables import paper_tables  # noqa: E402
 
 # The options that distinguish settings within a family (a row of the summary table).
 SETTING_PARAMS = {
@@ -229,3 +241,57 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
         atomic_write_bytes(output_dir / "best_reconstructions.png", _figure(client, top["run_id"], title))
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trials: pd.DataFrame) -> dict[str, Path]:
+    """Paper-style tables and figures from an ``evaluate`` stage's outputs and the sweep's trials table.
+
+    Args:
+        evaluation_dir: holds ``summary.json`` (per arm: run id, family, elbo_valid, metrics) and
+            ``examples.npz`` (``<arm>/input``, ``<arm>/reconstruction``, ``<arm>/sample``: float (n, H, W, 3)).
+        output_dir: ``tables/`` and ``figures/`` are written there.
+        trials: :func:`trials_table` of every trial (validation metrics, for the all-trials plots).
+
+    Returns:
+        name -> path of every file written.
+    """
+    import numpy as np
+
+    evaluation_dir, output_dir = Path(evaluation_dir), Path(output_dir)
+    evaluation = json.loads((evaluation_dir / "summary.json").read_text())
+    split = evaluation["split"]
+    rows = []
+    for arm, result in evaluation["arms"].items():
+        row = {"family": result["family"], "setting": arm, "run_id": result["run_id"], "elbo_valid": result["elbo_valid"]}
+        row |= result["metrics"]
+        row |= {name: float("nan") for name in result["unavailable"]}
+        rows.append(row)
+    written: dict[str, Path] = {}
+    for name, (markdown, csv) in paper_tables(pd.DataFrame(rows), prefix=split).items():
+        written[f"{name}.md"] = atomic_write_text(output_dir / "tables" / f"{name}.md", markdown)
+        written[f"{name}.csv"] = atomic_write_text(output_dir / "tables" / f"{name}.csv", csv)
+
+    figures = output_dir / "figures"
+    with np.load(evaluation_dir / "examples.npz") as npz:
+        sets: dict[str, dict[str, np.ndarray]] = {}
+        for key in npz.files:
+            arm, kind = key.split("/")
+            sets.setdefault(arm, {})[kind] = npz[key]
+    if sets:
+        first = next(iter(sets.values()))
+        grid = {"data": {"input": first["input"]}} | {
+            arm: {k: v for k, v in s.items() if k != "input"} for arm, s in sets.items()
+        }
+        written["comparison_grid.png"] = atomic_write_bytes(figures / "comparison_grid.png", grid_comparison(grid))
+        recons = {arm: s["reconstruction"] for arm, s in sets.items()}
+        written["residual_maps.png"] = atomic_write_bytes(figures / "residual_maps.png", residual_maps(first["input"], recons))
+    frame = trials[trials["status"] == "FINISHED"].copy()
+    if "val_mse_255" in frame:
+        frame["val_mse"] = frame["val_mse_255"] / 255.0**2  # [0, 1] units, like the variance loss
+    written["pareto_mse_sharpness.png"] = atomic_write_bytes(
+        figures / "pareto_mse_sharpness.png", pareto_mse_sharpness(frame, x="val_mse", y="val_sharpness_ratio")
+    )
+    written["variance_loss_vs_mse.png"] = atomic_write_bytes(
+        figures / "variance_loss_vs_mse.png", variance_loss_vs_mse(frame, x="val_mse", y="val_variance_loss")
+    )
+    return written

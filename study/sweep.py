@@ -240,7 +240,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".") -> dict[str, Any]:
         FileNotFoundError / DataIntegrityError: the prepared data is missing or modified.
     """
     workdir = Path(workdir).resolve()
-    data_dir = (workdir / params.prepare.output).resolve()
+    data_dir = (workdir / params.dataset_dir()).resolve()
     fingerprint = data_fingerprint(data_dir)  # fails early and clearly when prepare has not run
     tracking = params.tracking.model_copy(update={"artifact_root": workdir / params.tracking.artifact_root})
     client, experiment_id = connect(tracking)

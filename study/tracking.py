@@ -14,7 +14,8 @@ Each child run gets:
 - artifacts: ``config/trial_config.yaml``, every PNG grid of the last checkpoint under ``images/``
   (``reconstructions.png``: validation inputs above their reconstructions; ``samples.png``: prior samples;
   ``sample_decomposition.png`` for the structured likelihood: mu, eps, mu + eps; AVAE's
-  ``decoder_reconstructions.png``), ``checkpoint/model.pt`` (model weights) and ``checkpoint/metrics.json``.
+  ``decoder_reconstructions.png``), ``checkpoint/state.pt`` + ``checkpoint/config.yaml`` (weights and what rebuilds the model, loadable with
+  ``study.train.load_checkpoint``) and ``checkpoint/metrics.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
 MAX_PARAM_LENGTH = 6000
+# Checkpoint entries needed only to resume training, left out of the copy logged to MLflow.
+TRAINING_ONLY_STATE = {"optimiser", "optimisers", "auxiliary_optimiser", "generator", "torch_rng", "collapse_run"}
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -218,15 +221,18 @@ class SweepTracker:
         self.client.set_terminated(run_id, status=status)
 
     def _log_model_weights(self, run_id: str, checkpoint: Path) -> None:
+        """A slim, loadable copy of the checkpoint (``study.train.load_checkpoint`` reads it): the weights and
+        what rebuilds the model, without optimiser and RNG states."""
         import tempfile
 
         import torch
 
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        slim = {k: v for k, v in state.items() if k not in TRAINING_ONLY_STATE}
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"epoch": state["epoch"], "model": state["model"]}, Path(tmp) / "model.pt")
+            torch.save(slim, Path(tmp) / "state.pt")
             (Path(tmp) / "config.yaml").write_text((checkpoint / "config.yaml").read_text())
-            self.client.log_artifact(run_id, str(Path(tmp) / "model.pt"), "checkpoint")
+            self.client.log_artifact(run_id, str(Path(tmp) / "state.pt"), "checkpoint")
             self.client.log_artifact(run_id, str(Path(tmp) / "config.yaml"), "checkpoint")
 
     def finish_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:

@@ -16,7 +16,10 @@ get their own Adam optimiser, stepped after every VAE step on ``likelihood.auxil
 Metrics per epoch (nats per image unless named otherwise; ``*_mse_255`` is the per-pixel MSE on the [0, 255]
 scale that Dorta et al. 2018 and Larsen et al. 2016 report, computed in RGB for YCbCr data):
     train_elbo, train_kl, train_log_likelihood, train_loss, train_mse_255, beta, variance_minimiser_alpha,
-    val_elbo, val_kl, val_log_likelihood, val_mse_255, val_bits_per_dim, epoch, epoch_seconds.
+    val_elbo, val_kl, val_log_likelihood, val_mse_255, val_bits_per_dim, val_sharpness_ratio (variance of the
+    Laplacian of reconstructions over that of the inputs; < 1 is blurrier), val_variance_loss (Asperti 2020:
+    mean pixel variance across the split of inputs minus that of reconstructions, [0, 1] units), epoch,
+    epoch_seconds.
 For families that are not likelihoods (``elbo_valid`` false) the "log-likelihood" is minus their loss and the
 "ELBO" is not one; the tracking layer tags such runs and reports never rank them by it.
 The validation ELBO uses one z sample per image with a fixed seed (the same draws every epoch); the validation
@@ -41,6 +44,7 @@ from study.config import TrialConfig
 from study.data.color import to_display_rgb, ycbcr_to_rgb
 from study.data.loader import DeviceSplit
 from study.likelihoods import build_likelihood
+from study.metrics.pixel import laplacian_variance
 from study.models.vae import VAE
 from study.objectives import bits_per_dim, elbo_terms, training_loss
 from study.schedules import ConstantSchedule, Schedule, build_schedule
@@ -191,15 +195,20 @@ def _write_checkpoint(
 
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -> tuple[TrialConfig, VAE, dict]:
-    """Rebuild a trained model from a checkpoint directory written by :func:`run_trial`.
+    """Rebuild a trained model (a VAE, or an AVAE for ``model.kind: avae``) from a checkpoint directory written
+    by :func:`run_trial`, or its slim copy in MLflow (``checkpoint/``: ``config.yaml`` + ``state.pt``).
 
     Returns:
         (config, model in eval mode on ``device``, the raw state dict with ``epoch`` etc.).
     """
     directory = Path(directory)
     config = TrialConfig.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
+    if config.model.kind == "avae":
+        from study.train_avae import load_avae_checkpoint
+
+        return load_avae_checkpoint(directory, device)
     state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=False)
-    model = build_model(config, tuple(state["image_shape"]), state["color"], state["chroma_factor"])
+    model = build_model(config, tuple(state["image_shape"]), state.get("color", "rgb"), state.get("chroma_factor", 1))
     model.load_state_dict(state["model"])
     return config, model.to(device).eval(), state
 
@@ -310,18 +319,35 @@ def run_trial(
 
 @torch.no_grad()
 def evaluate_split(model: VAE, split: DeviceSplit, batch_size: int, seed: int, prefix: str) -> dict[str, float]:
-    """ELBO, KL, log-likelihood (one seeded z per image) and MSE of E[x | mu(x)] over a whole split.
+    """ELBO, KL, log-likelihood (one seeded z per image), and MSE, sharpness ratio and variance loss of the
+    reconstructions E[x | mu(x)], over a whole split (streamed: per-pixel sums, never all images at once).
 
     Returns:
-        ``{prefix}_elbo``, ``_kl``, ``_log_likelihood``, ``_loss`` (at beta = 1), ``_mse_255``.
+        ``{prefix}_elbo``, ``_kl``, ``_log_likelihood``, ``_loss`` (at beta = 1), ``_mse_255``,
+        ``_sharpness_ratio``, ``_variance_loss``.
     """
     model.eval()
     generator = torch.Generator(split.device).manual_seed(seed + 1)
     sums = _EpochSums(split.device)
+    shape = (3 if split.color == "ycbcr" else split.image_shape[0], *split.image_shape[1:])
+    # Per-pixel first and second moments of inputs and reconstructions, and summed Laplacian variances.
+    moments = torch.zeros(4, *shape, dtype=torch.float64, device=split.device)
+    sharp = torch.zeros(2, dtype=torch.float64, device=split.device)
     for x in split.batches(batch_size):
         out = model(x, generator=generator)
         terms = elbo_terms(model.likelihood.log_prob_given_z(x, out["params"], out["z"]), out["mu"], out["logvar"])
         recon = model.likelihood.mean(model.decode(out["mu"]))
-        sq_err = (_metric_space(recon, split.color) - _metric_space(x, split.color)).square().sum()
+        x_m, recon_m = _metric_space(x, split.color), _metric_space(recon, split.color)
+        sq_err = (recon_m - x_m).square().sum()
         sums.add(terms.elbo, terms.kl, terms.log_likelihood, terms.loss(1.0), sq_err, x)
-    return sums.read(prefix)
+        xd, rd = x_m.double(), recon_m.clamp(0, 1).double()
+        moments += torch.stack([xd.sum(0), xd.square().sum(0), rd.sum(0), rd.square().sum(0)])
+        sharp += torch.stack([laplacian_variance(recon_m.clamp(0, 1)).double().sum(), laplacian_variance(x_m).double().sum()])
+    metrics = sums.read(prefix)
+    n = sums.images
+    mean_x, sq_x, mean_r, sq_r = (moments / n).unbind(0)
+    variance_x = (sq_x - mean_x.square()).mean()
+    variance_r = (sq_r - mean_r.square()).mean()
+    metrics[f"{prefix}_variance_loss"] = float(variance_x - variance_r)
+    metrics[f"{prefix}_sharpness_ratio"] = float(sharp[0] / sharp[1]) if float(sharp[1]) > 0 else float("nan")
+    return metrics

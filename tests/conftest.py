@@ -34,7 +34,7 @@ def prepared_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from study.data.store import write_prepared
 
     out = tmp_path_factory.mktemp("prepared") / "celeba32"
-    arrays = prepare_celeba(SAMPLE, None, 32)
+    arrays, _ = prepare_celeba(SAMPLE, None, 32)
     write_prepared(out, arrays, {"dataset": "celeba", "source": str(SAMPLE)})
     return out
 

@@ -30,7 +30,7 @@ def _copy_repo(dst: Path) -> None:
         shutil.rmtree(dst / leftover, ignore_errors=True)
 
 
-def _dvc(work: Path, *args: str) -> str:
+def _dvc(work: Path, *args: str, stdout_only: bool = False) -> str:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
     env["DVC_NO_ANALYTICS"] = "1"
@@ -41,7 +41,7 @@ def _dvc(work: Path, *args: str) -> str:
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    return out
+    return proc.stdout if stdout_only else out
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,17 @@ def study(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e") / "study"
     _copy_repo(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
+    # A second dataset in LSUN's official LMDB format, built from real photographs.
+    from tests.data.lsun_fixtures import build_lmdb, train_test_records
+
+    train, test = train_test_records()
+    build_lmdb(work / "data" / "lsun" / "church_outdoor_train_lmdb", train)
+    build_lmdb(work / "data" / "lsun" / "church_outdoor_val_lmdb", test)
+    params["datasets"]["lsun_church"] = {"kind": "lsun", "root": "data/lsun", "val_fraction": 0.1, "seed": 0}
     params["prepare"]["resolution"] = 32
     params["model"].update(latent_dim=16, width=8)
     params["train"].update(epochs=6, batch_size=8, grid_size=8)
+    params["evaluate"].update(num_importance_samples=8, num_examples=4)
     # One trial at a time makes the order, and so ASHA's decisions, reproducible.
     params["sweep"].update(num_trials=6, max_concurrent=1)
     params["sweep"]["scheduler"].update(grace_period=1, reduction_factor=2)
@@ -95,11 +103,22 @@ def test_sweep_runs_on_loopback_and_fills_mlflow(study):
         assert "train.beta" in run.data.params and "likelihood.gaussian.sigma_mode" in run.data.params
         artifacts = {a.path for d in ("images", "config", "checkpoint") for a in client.list_artifacts(run.info.run_id, d)}
         assert {"images/reconstructions.png", "images/samples.png", "config/trial_config.yaml",
-                "checkpoint/model.pt"} <= artifacts
+                "checkpoint/state.pt", "checkpoint/config.yaml"} <= artifacts
     stopped = [r for r in children if r.data.tags["early_stopped"] == "true"]
     assert stopped, "ASHA stopped no trial early"
     assert all(int(r.data.tags["epochs_run"]) < epochs for r in stopped)
     assert summary["num_early_stopped"] == len(stopped)
+
+
+@pytest.mark.slow
+def test_both_datasets_prepared_by_their_own_stages(study):
+    work, _, log = study
+    assert "Running stage 'prepare@celeba'" in log and "Running stage 'prepare@lsun_church'" in log
+    from study.data.store import read_manifest
+
+    church = read_manifest(work / "data" / "prepared" / "lsun_church")
+    assert church["dataset"] == "lsun_church_outdoor" and church["splits"]["test"]["count"] == 5
+    assert church["splits"]["train"]["count"] + church["splits"]["val"]["count"] == 38
 
 
 @pytest.mark.slow
@@ -124,8 +143,42 @@ def test_report_agrees_with_mlflow(study):
     assert metrics["num_trials"] == len(children)
     assert best_id in (work / "reports" / "summary.md").read_text()
     assert (work / "reports" / "best_reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    shown = json.loads(_dvc(work, "metrics", "show", "--json"))
+    shown = json.loads(_dvc(work, "metrics", "show", "--json", stdout_only=True))
     assert json.dumps(metrics["best"]["val_elbo"])[:8] in json.dumps(shown)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_logs_test_metrics_and_report_has_paper_tables(study):
+    work, _, _ = study
+    summary = json.loads((work / "results" / "sweep.json").read_text())
+    evaluation = json.loads((work / "reports" / "evaluation" / "summary.json").read_text())
+    assert set(evaluation["arms"]) == set(summary["best_per_variant"])
+    client = _client(work)
+    for arm, result in evaluation["arms"].items():
+        assert result["run_id"] == summary["best_per_variant"][arm]["run_id"]
+        run = client.get_run(result["run_id"])
+        for name in ("test_mse_255", "test_psnr", "test_ssim", "test_nll", "test_avg_kl", "test_variance_loss_recon"):
+            assert run.data.metrics[name] == pytest.approx(result["metrics"][name])
+        # No local backbone weights here: LPIPS and FID are recorded as unavailable, never as numbers.
+        assert "test_lpips" not in run.data.metrics and "test_lpips" in result["unavailable"]
+        assert "alexnet" in run.data.tags["unavailable.test_lpips"].lower()
+        assert result["metrics"]["test_avg_kl"] == pytest.approx(
+            result["metrics"]["test_mutual_information"] + result["metrics"]["test_marginal_kl"], abs=1e-6
+        )
+    tables = work / "reports" / "tables"
+    for name in ("dorta_table1", "dorta_table2", "avae", "all_metrics"):
+        assert (tables / f"{name}.md").read_text().count("|") > 10 and (tables / f"{name}.csv").is_file()
+    table2 = pd.read_csv(tables / "dorta_table2.csv").set_index("run_id")
+    table1 = pd.read_csv(tables / "dorta_table1.csv").set_index("run_id")
+    for result in evaluation["arms"].values():
+        row = table2.loc[result["run_id"]]
+        assert row["MSE [0, 255] mean"] == pytest.approx(result["metrics"]["test_mse_255"])
+        assert row["MSE [0, 255] std"] == pytest.approx(result["metrics"]["test_mse_255_std"])
+        if result["elbo_valid"]:
+            assert table1.loc[result["run_id"], "NLL (nats) mean"] == pytest.approx(result["metrics"]["test_nll"])
+    for name in ("comparison_grid", "residual_maps", "pareto_mse_sharpness", "variance_loss_vs_mse"):
+        assert (work / "reports" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Test-set evaluation" in (work / "reports" / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -136,5 +189,6 @@ def test_dvc_reruns_only_what_changed(study):
     params["sweep"]["num_trials"] = 2  # any sweep param; fewer trials keep the re-run short
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = _dvc(work, "repro")
-    assert "Stage 'prepare' didn't change, skipping" in log
-    assert "Running stage 'sweep'" in log and "Running stage 'report'" in log
+    assert "Stage 'prepare@celeba' didn't change, skipping" in log
+    assert "Stage 'prepare@lsun_church' didn't change, skipping" in log
+    assert "Running stage 'sweep'" in log and "Running stage 'evaluate'" in log and "Running stage 'report'" in log

@@ -14,7 +14,7 @@ from tests.conftest import tiny_trial_config
 EXPECTED = {
     "train_elbo", "train_kl", "train_log_likelihood", "train_loss", "train_mse_255",
     "val_elbo", "val_kl", "val_log_likelihood", "val_loss", "val_mse_255", "val_bits_per_dim",
-    "epoch", "epoch_seconds", "beta", "variance_minimiser_alpha",
+    "epoch", "epoch_seconds", "beta", "variance_minimiser_alpha", "val_sharpness_ratio", "val_variance_loss",
 }
 
 
@@ -70,3 +70,28 @@ def test_non_finite_loss_fails_the_trial(prepared_32, tmp_path, monkeypatch):
     monkeypatch.setattr(GaussianLikelihood, "log_prob", lambda self, x, p: torch.full((x.shape[0],), float("nan")))
     with pytest.raises(NonFiniteLossError, match="epoch 1"):
         run_trial(tiny_trial_config(prepared_32, epochs=2), workdir=tmp_path)
+
+
+def test_streamed_val_blur_metrics_equal_direct_computation(prepared_32, tmp_path):
+    """evaluate_split's streamed variance loss and sharpness ratio equal the set-level formulas (numpy /
+    study.metrics.pixel on all images at once), with batches that do not divide the split."""
+    import numpy as np
+
+    from study.data.loader import DeviceSplit
+    from study.metrics.pixel import laplacian_variance
+    from study.train import evaluate_split
+
+    run_trial(tiny_trial_config(prepared_32, epochs=1), workdir=tmp_path)
+    _, model, _ = load_checkpoint(tmp_path / "checkpoint")
+    split = DeviceSplit(prepared_32, "train", torch.device("cpu"))
+    metrics = evaluate_split(model, split, batch_size=5, seed=0, prefix="t")
+    with torch.no_grad():
+        x = split.take(torch.arange(len(split)))
+        recon = model.likelihood.mean(model.decode(model.encode(x)[0])).clamp(0, 1)
+    xs, rs = x.double().numpy(), recon.double().numpy()
+    expected_vl = np.mean(np.var(xs, axis=0)) - np.mean(np.var(rs, axis=0))
+    assert metrics["t_variance_loss"] == pytest.approx(expected_vl, rel=1e-6, abs=1e-9)
+    ratio = laplacian_variance(recon).double().mean() / laplacian_variance(x).double().mean()
+    assert metrics["t_sharpness_ratio"] == pytest.approx(float(ratio), rel=1e-5)
+    unclamped = model.likelihood.mean(model.decode(model.encode(x)[0])).detach()
+    assert metrics["t_mse_255"] == pytest.approx(float(((unclamped.double() - x.double()) ** 2).mean()) * 255**2, rel=1e-5)

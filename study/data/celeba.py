@@ -48,7 +48,7 @@ def read_partition(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"CelebA partition file {path} not found: copy list_eval_partition.txt from the CelebA release "
-            "(Eval/list_eval_partition.txt) there, or set prepare.partition_file in params.yaml"
+            "(Eval/list_eval_partition.txt) there, or set datasets.<name>.partition_file in params.yaml"
         )
     splits: dict[str, list[str]] = {name: [] for name in SPLIT_CODES.values()}
     seen: set[str] = set()
@@ -124,13 +124,16 @@ def load_image(path: str | Path) -> np.ndarray:
         raise CorruptImageError(f"{path} cannot be decoded ({err}); replace the file from the release") from None
 
 
-def _prepare_one(args: tuple[str, int]) -> np.ndarray:
-    path, resolution = args
-    img = load_image(path)
+def _prepare_one(args: tuple[str, int, bool]) -> np.ndarray | None:
+    """One preprocessed image, or None for a corrupt one when skipping is on (missing files always raise)."""
+    path, resolution, skip_corrupt = args
     try:
-        return preprocess(img, resolution)
+        return preprocess(load_image(path), resolution)
     except CorruptImageError as err:
-        raise CorruptImageError(f"{path}: {err}") from None
+        if skip_corrupt:
+            return None
+        message = str(err)
+        raise CorruptImageError(message if str(path) in message else f"{path}: {message}") from None
 
 
 def image_folder(root: str | Path) -> Path:
@@ -143,7 +146,7 @@ def image_folder(root: str | Path) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"CelebA image folder {folder} not found: put the aligned-and-cropped CelebA release there "
-            "(img_align_celeba/000001.jpg ... 202599.jpg, 178 x 218 JPEGs), or set prepare.root in params.yaml"
+            "(img_align_celeba/000001.jpg ... 202599.jpg, 178 x 218 JPEGs), or set datasets.<name>.root in params.yaml"
         )
     return folder
 
@@ -154,45 +157,78 @@ def prepare_split(
     resolution: int,
     workers: int = 1,
     desc: str = "prepare",
-    map_fn: Callable | None = None,
-) -> np.ndarray:
+    skip_corrupt: bool = False,
+) -> tuple[np.ndarray, list[str]]:
     """Decode and preprocess ``files`` from ``folder`` into uint8 (N, R, R, 3), in the given order.
 
     With ``workers > 1`` images are decoded in that many processes. A progress bar shows images per second.
 
+    Returns:
+        (images, names of the corrupt files skipped; empty unless ``skip_corrupt``).
+
     Raises:
-        FileNotFoundError / CorruptImageError: the first bad file, by name.
+        FileNotFoundError: a listed file is missing (always: a missing file is a wrong path, not corruption).
+        CorruptImageError: the first undecodable or wrongly sized file, by name (unless ``skip_corrupt``).
     """
-    jobs = [(str(folder / name), resolution) for name in files]
+    jobs = [(str(folder / name), resolution, skip_corrupt) for name in files]
     out = np.empty((len(jobs), resolution, resolution, 3), dtype=np.uint8)
+    keep = np.ones(len(jobs), dtype=bool)
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=None)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for i, img in enumerate(pool.map(_prepare_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))):
-                out[i] = img
+            results = pool.map(_prepare_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
+            for i, img in enumerate(results):
+                keep[i] = img is not None
+                if img is not None:
+                    out[i] = img
                 bar.update()
     else:
         for i, job in enumerate(jobs):
-            out[i] = _prepare_one(job)
+            img = _prepare_one(job)
+            keep[i] = img is not None
+            if img is not None:
+                out[i] = img
             bar.update()
     bar.close()
-    return out
+    skipped = [name for name, kept in zip(files, keep) if not kept]
+    return (out if keep.all() else out[keep]), skipped
 
 
 def prepare_celeba(
-    root: str | Path, partition_file: str | Path | None, resolution: int, workers: int = 1
-) -> dict[str, np.ndarray]:
-    """The CelebA ``prepare`` stage's work: split -> uint8 (N, R, R, 3).
+    root: str | Path,
+    partition_file: str | Path | None,
+    resolution: int,
+    workers: int = 1,
+    skip_corrupt: bool = False,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """The CelebA ``prepare`` stage's work: split -> uint8 (N, R, R, 3), and manifest information.
 
-    Every file is checked (existence, decodability, shape) and the first failure is raised with its name.
+    Every file is checked (existence, decodability, shape) and the first failure is raised with its name;
+    with ``skip_corrupt`` undecodable or wrongly sized files are skipped instead, and listed and counted.
+
+    Returns:
+        (split -> images, info for the manifest: source, partition file, crop, counts, skipped files).
 
     Raises:
         FileNotFoundError: missing image folder, partition file or listed image.
-        CorruptImageError: an undecodable or wrongly sized image.
+        CorruptImageError: an undecodable or wrongly sized image (unless ``skip_corrupt``).
     """
     folder = image_folder(root)
-    partition = read_partition(partition_file or Path(root) / "list_eval_partition.txt")
-    return {
-        split: prepare_split(folder, files, resolution, workers, desc=f"celeba {split}")
-        for split, files in partition.items()
+    partition_path = Path(partition_file or Path(root) / "list_eval_partition.txt")
+    partition = read_partition(partition_path)
+    arrays, skipped = {}, {}
+    for split, files in partition.items():
+        arrays[split], skipped[split] = prepare_split(
+            folder, files, resolution, workers, desc=f"celeba {split}", skip_corrupt=skip_corrupt
+        )
+    info = {
+        "dataset": "celeba",
+        "source": str(root),
+        "partition_file": str(partition_path),
+        "preprocessing": "Larsen et al. 2016: img[40:188, 15:163], Gaussian sigma=sqrt(148/R)/2, bicubic (order 3)",
+        "counts": {split: int(a.shape[0]) for split, a in arrays.items()},
+        "skip_corrupt": skip_corrupt,
+        "skipped": skipped,
+        "skipped_count": sum(len(v) for v in skipped.values()),
     }
+    return arrays, info

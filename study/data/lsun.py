@@ -112,7 +112,7 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
         raise FileNotFoundError(
             f"LSUN LMDB folder {path} {what}{hint}: put {name}/ (data.mdb, lock.mdb) from the LSUN release "
             f"(`python download.py -c church_outdoor` in github.com/fyu/lsun, then unzip) in {path.parent}, "
-            "or set prepare.root in params.yaml to the folder that holds it"
+            "or set datasets.<name>.root in params.yaml to the folder that holds it"
         )
     return lmdb.open(
         str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=1024, subdir=True

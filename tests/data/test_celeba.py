@@ -79,7 +79,7 @@ def test_split_logic_reproduces_official_counts():
 
 
 def test_sample_partition_and_prepared_arrays(sample_root):
-    arrays = prepare_celeba(sample_root, None, 32)
+    arrays, _ = prepare_celeba(sample_root, None, 32)
     assert {k: v.shape for k, v in arrays.items()} == {
         "train": (24, 32, 32, 3),
         "val": (4, 32, 32, 3),
@@ -92,8 +92,8 @@ def test_sample_partition_and_prepared_arrays(sample_root):
 
 
 def test_parallel_decoding_equals_serial(sample_root):
-    serial = prepare_celeba(sample_root, None, 32, workers=1)
-    parallel = prepare_celeba(sample_root, None, 32, workers=2)
+    serial, _ = prepare_celeba(sample_root, None, 32, workers=1)
+    parallel, _ = prepare_celeba(sample_root, None, 32, workers=2)
     for split in serial:
         np.testing.assert_array_equal(serial[split], parallel[split])
 
