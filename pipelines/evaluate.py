@@ -9,7 +9,6 @@ arm, for the report's figures) and ``summary.json``.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -17,18 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from study.config import ConfigError, load_params
+from pipelines.common import stage_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _, params = stage_arguments(argv, __doc__)
 
     import numpy as np
     import torch

@@ -7,12 +7,12 @@ with LSUN's validation LMDB as the test split. The output directory is replaced 
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import time
 
-from study.config import CelebADatasetConfig, ConfigError, load_params
+from pipelines.common import stage_arguments
+from study.config import CelebADatasetConfig
 
 
 def _terminate(signum, frame) -> None:  # SIGTERM -> SystemExit, so the atomic writer removes its temporary
@@ -20,19 +20,14 @@ def _terminate(signum, frame) -> None:  # SIGTERM -> SystemExit, so the atomic w
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
-    parser.add_argument("--dataset", help="entry of `datasets` to prepare (default: all of them)")
-    parser.add_argument("--skip-corrupt", action="store_true", default=None,
-                        help="skip undecodable images / records and count them in the manifest (default: "
-                             "prepare.skip_corrupt, false: stop at the first one)")
-    args = parser.parse_args(argv)
+    def configure(parser) -> None:
+        parser.add_argument("--dataset", help="entry of `datasets` to prepare (default: all of them)")
+        parser.add_argument("--skip-corrupt", action="store_true", default=None,
+                            help="skip undecodable images / records and count them in the manifest (default: "
+                                 "prepare.skip_corrupt, false: stop at the first one)")
+
     signal.signal(signal.SIGTERM, _terminate)
-    try:
-        params = load_params(args.params)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args, params = stage_arguments(argv, __doc__, configure)
     names = [args.dataset] if args.dataset else list(params.datasets)
     unknown = [n for n in names if n not in params.datasets]
     if unknown:

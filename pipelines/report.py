@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from study.config import ConfigError, load_params
+from pipelines.common import stage_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _, params = stage_arguments(argv, __doc__)
     from study.report import write_report
     from study.tracking import connect
 

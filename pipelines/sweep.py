@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from study.config import ConfigError, load_params
+from pipelines.common import stage_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="study parameters (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _, params = stage_arguments(argv, __doc__)
     from study.sweep import run_sweep  # heavy (Ray); only after the params are known to be valid
 
     summary = run_sweep(params)

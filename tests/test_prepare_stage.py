@@ -112,3 +112,17 @@ def test_prepare_killed_mid_write_leaves_previous_output(tmp_path, sample_root, 
     assert [p.name for p in target.parent.iterdir()] == ["celeba"]
     assert read_manifest(target)["color"] == "grey"
     np.testing.assert_array_equal(load_split(target, "train").shape, (24, 32, 32, 1))
+
+
+@pytest.mark.parametrize("stage", ["prepare", "sweep", "evaluate", "report"])
+def test_every_stage_rejects_bad_params_before_touching_data(tmp_path, capsys, stage):
+    import importlib
+
+    main = importlib.import_module(f"pipelines.{stage}").main
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"beta": -1.0}, "prepare": {"output_root": str(tmp_path / "out")}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--params", str(bad)])
+    assert exit_info.value.code == 2
+    assert "train.beta" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
