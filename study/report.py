@@ -279,10 +279,8 @@ def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trial
             sets.setdefault(arm, {})[kind] = npz[key]
     if sets:
         first = next(iter(sets.values()))
-        grid = {"data": {"input": first["input"]}} | {
-            arm: {k: v for k, v in s.items() if k != "input"} for arm, s in sets.items()
-        }
-        written["comparison_grid.png"] = atomic_write_bytes(figures / "comparison_grid.png", grid_comparison(grid))
+        # One row per arm: the same test inputs, its reconstructions and its samples.
+        written["comparison_grid.png"] = atomic_write_bytes(figures / "comparison_grid.png", grid_comparison(sets))
         recons = {arm: s["reconstruction"] for arm, s in sets.items()}
         written["residual_maps.png"] = atomic_write_bytes(figures / "residual_maps.png", residual_maps(first["input"], recons))
     frame = trials[trials["status"] == "FINISHED"].copy()

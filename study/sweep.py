@@ -53,6 +53,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            # "local": always a new embedded instance; with no address Ray would attach to any cluster a
+            # `ray start` left running on this machine.
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
