@@ -13,6 +13,11 @@ variance minimiser alpha(epoch) * ||x - mu(z)||^2 (Dorta et al. 2018, Eq. 14) an
 precision diagonal (Eq. 13). Families with an alternating auxiliary step (the blur likelihood's kernel network)
 get their own Adam optimiser, stepped after every VAE step on ``likelihood.auxiliary_loss``.
 
+Speed options (``train.precision``, ``channels_last``, ``compile``; ``study.speed``) change how
+:func:`training_step` runs the network, not what it computes: bf16 autocasts the network forward only, and
+evaluation, the likelihood and the loss stay float32, so the reported metrics are float32 numbers whatever
+the options. Each option is checked against the plain path in ``tests/test_speed.py``.
+
 Metrics per epoch (nats per image unless named otherwise; ``*_mse_255`` is the per-pixel MSE on the [0, 255]
 scale that Dorta et al. 2018 and Larsen et al. 2016 report, computed in RGB for YCbCr data):
     train_elbo, train_kl, train_log_likelihood, train_loss, train_mse_255, beta, variance_minimiser_alpha,
@@ -32,6 +37,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,14 +46,15 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from study.atomic import atomic_directory
-from study.config import TrialConfig
+from study.config import GammaPriorConfig, TrialConfig
 from study.data.color import to_display_rgb, ycbcr_to_rgb
 from study.data.loader import DeviceSplit
 from study.likelihoods import build_likelihood
 from study.metrics.pixel import laplacian_variance
 from study.models.vae import VAE
-from study.objectives import bits_per_dim, elbo_terms, training_loss
+from study.objectives import ElboTerms, bits_per_dim, elbo_terms, training_loss
 from study.schedules import ConstantSchedule, Schedule, build_schedule
+from study.speed import SpeedOptions, float32_context, prepare_model, to_memory_format, vae_forward
 
 ReportFn = Callable[[dict[str, float], Path], None]
 CHECKPOINT_FILE = "state.pt"
@@ -213,6 +220,69 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -
     return config, model.to(device).eval(), state
 
 
+@dataclass
+class StepResult:
+    """What one training step leaves for the epoch sums, all on the device (reading them is the caller's
+    choice; the step itself never synchronises with the host)."""
+
+    terms: ElboTerms  # per-image log p(x | z) and KL, float32 (B,), nats
+    loss: Tensor  # the optimised scalar (beta-ELBO loss plus Dorta et al.'s terms), float32
+    mean: Tensor  # E[x | z], float32 (B, C, H, W), nominally in [0, 1]
+
+
+def training_step(
+    model: VAE,
+    optimiser: torch.optim.Optimizer,
+    x: Tensor,
+    generator: torch.Generator | None,
+    *,
+    beta: float,
+    alpha: float = 0.0,
+    gamma: GammaPriorConfig | None = None,
+    auxiliary: torch.optim.Optimizer | None = None,
+    speed: SpeedOptions = SpeedOptions(),
+) -> StepResult:
+    """One optimiser step of the VAE on a batch: forward, loss, backward, Adam; then the auxiliary step.
+
+    Args:
+        model: the VAE, already passed through ``study.speed.prepare_model(model, speed)``.
+        optimiser: steps the VAE's parameters (not the likelihood's auxiliary ones).
+        x: images, float32 (B, C, H, W) in [0, 1], on the model's device (any memory format).
+        generator: seeds the reparameterisation noise.
+        beta: KL weight; alpha: variance-minimiser weight (0: off); gamma: a ``GammaPriorConfig`` or None.
+        auxiliary: the optimiser of ``likelihood.auxiliary_parameters()`` (the blur kernel network), or None.
+        speed: precision, memory format and compilation (``study.speed``). Under ``bf16`` only the network
+            forward is autocast; the likelihood and the loss run in float32 with autocast off (see
+            ``study.speed`` for why).
+
+    Returns:
+        The step's ELBO terms, loss and reconstruction mean (see :class:`StepResult`).
+    """
+    likelihood = model.likelihood
+    x = to_memory_format(x, speed.channels_last)  # the likelihood sees the layout the decoder emits
+    out = vae_forward(model, x, generator, speed)  # float32 outputs whatever the precision
+    params = out["params"]
+    with float32_context(x.device):
+        terms = elbo_terms(likelihood.log_prob_given_z(x, params, out["z"]), out["mu"], out["logvar"])
+        mean = likelihood.mean(params)
+        loss = training_loss(
+            terms, beta, x, mean, variance_minimiser_alpha=alpha,
+            precision_diagonal=likelihood.precision_diagonal(params) if gamma is not None else None,
+            gamma_concentration=gamma.concentration if gamma else None,
+            gamma_rate=gamma.rate if gamma else None,
+        )
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    if auxiliary is not None:  # the alternating step (e.g. the blur kernel network), on detached inputs
+        with float32_context(x.device):
+            aux_loss = likelihood.auxiliary_loss(x, params.detach(), out["z"].detach())
+        auxiliary.zero_grad(set_to_none=True)
+        aux_loss.backward()
+        auxiliary.step()
+    return StepResult(terms=terms, loss=loss, mean=mean)
+
+
 def run_trial(
     config: TrialConfig,
     report: ReportFn | None = None,
@@ -242,6 +312,10 @@ def run_trial(
     generator = torch.Generator(device).manual_seed(train_cfg.seed)
 
     if config.model.kind == "avae":  # a different training scheme with its own loop (Plumerault et al. 2020)
+        if not SpeedOptions.from_train_config(train_cfg).is_plain:
+            # Its four-loss loop does not apply them; refusing beats a logged config that says bf16 for an
+            # fp32 run.
+            raise ValueError("train.precision / channels_last / compile are not implemented for model.kind avae")
         from study.train_avae import run_avae_trial
 
         return run_avae_trial(config, report, workdir=workdir, resume_from=resume_from)
@@ -249,6 +323,8 @@ def run_trial(
     train = DeviceSplit(config.data_dir, "train", device)
     val = DeviceSplit(config.data_dir, "val", device)
     model = build_model(config, train.image_shape, train.color, train.chroma_factor).to(device)
+    speed = SpeedOptions.from_train_config(train_cfg)
+    prepare_model(model, speed)  # in place: NHWC weights / lazy torch.compile; state-dict keys unchanged
     likelihood = model.likelihood
     auxiliary_params = {id(p) for p in likelihood.auxiliary_parameters()}
     optimiser = torch.optim.Adam([p for p in model.parameters() if id(p) not in auxiliary_params], lr=train_cfg.lr)
@@ -281,27 +357,13 @@ def run_trial(
         beta = beta_schedule(epoch)
         alpha = alpha_schedule(epoch) if alpha_schedule is not None else 0.0
         for x in train.batches(train_cfg.batch_size, shuffle=True, hflip=train_cfg.hflip, generator=generator):
-            out = model(x, generator=generator)
-            params = out["params"]
-            terms = elbo_terms(likelihood.log_prob_given_z(x, params, out["z"]), out["mu"], out["logvar"])
-            mean = likelihood.mean(params)
-            loss = training_loss(
-                terms, beta, x, mean, variance_minimiser_alpha=alpha,
-                precision_diagonal=likelihood.precision_diagonal(params) if gamma is not None else None,
-                gamma_concentration=gamma.concentration if gamma else None,
-                gamma_rate=gamma.rate if gamma else None,
+            step = training_step(
+                model, optimiser, x, generator, beta=beta, alpha=alpha, gamma=gamma, auxiliary=auxiliary,
+                speed=speed,
             )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if auxiliary is not None:  # the alternating step (e.g. the blur kernel network), on detached inputs
-                aux_loss = likelihood.auxiliary_loss(x, params.detach(), out["z"].detach())
-                auxiliary.zero_grad(set_to_none=True)
-                aux_loss.backward()
-                auxiliary.step()
             with torch.no_grad():
-                sq_err = (_metric_space(mean, train.color) - _metric_space(x, train.color)).square().sum()
-            sums.add(terms.elbo, terms.kl, terms.log_likelihood, loss, sq_err, x)
+                sq_err = (_metric_space(step.mean, train.color) - _metric_space(x, train.color)).square().sum()
+            sums.add(step.terms.elbo, step.terms.kl, step.terms.log_likelihood, step.loss, sq_err, x)
         metrics = sums.read("train")
         metrics |= {"beta": float(beta), "variance_minimiser_alpha": float(alpha)}
         if not math.isfinite(metrics["train_loss"]):
