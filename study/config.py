@@ -245,6 +245,12 @@ class TrainConfig(_Strict):
     num_threads: int = Field(default=1, ge=1)
     # Validation images shown in the reconstruction grid and number of prior samples in the sample grid.
     grid_size: int = Field(default=16, ge=1)
+    # Speed options of the training step (study/speed.py); each is checked against the plain path in
+    # tests/test_speed.py. Off by default: they pay on a GPU, not on a laptop CPU. bf16 autocasts the network
+    # forward only; the likelihood, the loss and all reported metrics (validation included) stay float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False  # NHWC weights and batches (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile of the model forward (inductor; minutes of compilation on a CPU)
 
     @field_validator("beta")
     @classmethod
@@ -301,20 +307,72 @@ class SearchDimension(_Strict):
 
 
 class SearcherConfig(_Strict):
-    kind: Literal["optuna"] = "optuna"
-    sampler: Literal["tpe", "random"] = "tpe"
+    """How trial configs are proposed.
+
+    optuna: Optuna on the driver (define-by-run space, ``when`` conditions, multi-objective ``objectives``).
+    random: Tune's own random sampling of the same space (no ``when``); the only choice with ``pbt``, which
+    Ray does not combine with a search algorithm.
+    """
+
+    kind: Literal["optuna", "random"] = "optuna"
+    # nsga2: Optuna's NSGA-II, the usual multi-objective sampler (TPE handles several objectives as well).
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int = 0
 
 
+# Mutating these would change the network's shapes, the data or the run's length under a restored
+# checkpoint; train.lr would be overwritten by the optimiser state the checkpoint restores.
+NOT_MUTABLE = ("model.", "data_dir", "likelihood.family", "train.epochs", "train.lr")
+
+
 class SchedulerConfig(_Strict):
-    kind: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(default=1, ge=1)  # epochs every trial gets before it can be stopped
-    reduction_factor: float = Field(default=2.0, gt=1.0)
+    """Early stopping (asha), none (fifo) or population-based training (pbt) over ``train.epochs``."""
+
+    kind: Literal["asha", "fifo", "pbt"] = "asha"
+    grace_period: int = Field(default=1, ge=1)  # asha: epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(default=2.0, gt=1.0)  # asha
+    # pbt: every this many epochs a trial in the bottom quantile copies the checkpoint of one in the top
+    # quantile and continues with mutated values of ``mutations`` (dotted path -> distribution or choices).
+    perturbation_interval: int = Field(default=2, ge=1)
+    quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5)
+    resample_probability: float = Field(default=0.25, ge=0.0, le=1.0)
+    mutations: dict[str, SearchDimension] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _mutations(self) -> "SchedulerConfig":
+        if self.kind == "pbt" and not self.mutations:
+            raise ValueError("scheduler.kind pbt needs 'mutations' (dotted path -> distribution)")
+        if self.kind != "pbt" and self.mutations:
+            raise ValueError(f"'mutations' only apply to scheduler.kind pbt, not {self.kind}")
+        for path, dim in self.mutations.items():
+            if dim.when:
+                raise ValueError(f"mutation {path!r}: 'when' is not supported for PBT mutations")
+            if any(path == p or path.startswith(p) for p in NOT_MUTABLE):
+                raise ValueError(f"mutation {path!r}: PBT cannot mutate model.*, data_dir, likelihood.family, "
+                                 "train.epochs or train.lr under a restored checkpoint")
+        return self
 
 
 class ResourcesConfig(_Strict):
     cpu: float = Field(default=1.0, gt=0.0)
     gpu: float = Field(default=0.0, ge=0.0)  # fractions let several trials share one GPU
+    # Ray custom resources per trial, e.g. {node_a: 1} with `ray start --resources='{"node_a": 1}'`.
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if amount <= 0:
+                raise ValueError(f"custom resource {name!r} must be > 0, got {amount}")
+        return v
+
+
+class ObjectiveConfig(_Strict):
+    """One objective of a multi-objective search: a per-epoch metric and its direction."""
+
+    metric: str
+    mode: Literal["min", "max"]
 
 
 class VariantConfig(_Strict):
@@ -341,7 +399,15 @@ class SweepConfig(_Strict):
     families: list[Family] = Field(default_factory=list)
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
-    # Ray Tune's results (checkpoints, experiment state), relative to the working directory.
+    # Multi-objective search (Optuna), e.g. [{metric: val_mse_255, mode: min}, {metric: val_sharpness_ratio,
+    # mode: max}]: the report draws the Pareto front. ASHA stops trials by the first objective; ``metric``
+    # still picks the best trial per arm. Empty: single-objective search on ``metric``.
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
+    # Times a trial is restarted from its last checkpoint after it fails (a lost worker or node, an
+    # exception; a deterministic error such as a non-finite loss simply fails again). -1: without limit.
+    max_failures: int = Field(default=1, ge=-1)
+    # Ray Tune's results (checkpoints, experiment state), relative to the working directory; an unfinished
+    # sweep found here with the same parameters is resumed. On a multi-node cluster: a path every node mounts.
     storage_path: Path = Path("ray_results")
     output: Path = Path("results/sweep.json")
 
@@ -357,6 +423,34 @@ class SweepConfig(_Strict):
         if self.families and self.variants:
             raise ValueError("give either sweep.families or sweep.variants, not both")
         return self
+
+    @model_validator(mode="after")
+    def _search_combination(self) -> "SweepConfig":
+        if self.objectives:
+            names = [o.metric for o in self.objectives]
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise ValueError("objectives: give two or more different metrics (one objective: use metric/mode)")
+            if self.searcher.kind != "optuna":
+                raise ValueError("objectives need searcher.kind optuna (multi-objective search)")
+            if self.scheduler.kind == "pbt":
+                raise ValueError("objectives cannot be combined with scheduler.kind pbt (PBT ranks by one metric)")
+            if any(v.metric for v in self.variants.values()):
+                raise ValueError("with objectives, variants cannot set their own metric")
+        if self.scheduler.kind == "pbt" and self.searcher.kind != "random":
+            raise ValueError("scheduler.kind pbt needs searcher.kind random: Ray runs PBT without a search "
+                             "algorithm, sampling the initial population from search_space itself")
+        if self.searcher.kind == "random" and (conditional := [p for p, d in self.search_space.items() if d.when]):
+            raise ValueError(f"searcher.kind random cannot sample conditional ('when') dimensions: {conditional}")
+        return self
+
+    def check_paths(self, base: "TrialConfig") -> None:
+        """Raise ConfigError unless every search and mutation path exists in the trial config ``base``."""
+        tree = base.model_dump()
+        for path in [*self.search_space, *self.scheduler.mutations]:
+            try:
+                _get_path(tree, path, what=f"sweep key {path!r}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     def arms(self, base_family: str) -> dict[str, VariantConfig]:
         """The sweep's arms: name -> variant (a single arm named after the base family when none are given)."""

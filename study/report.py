@@ -10,6 +10,9 @@ files), so the report agrees with what ``mlflow ui`` shows. Outputs (all written
 - ``metrics.json``: the best trial's metrics and the sweep's counts, for ``dvc metrics show``;
 - ``best_reconstructions.png``: the best trial's validation reconstructions below their inputs, with prior
   samples beside them;
+- for a two-objective sweep (``sweep.objectives``): ``pareto_front.md``, the finished trials no other finished
+  trial dominates on both objectives (also a section of ``summary.md``), and ``figures/pareto_objectives.png``,
+  every trial in the objectives' plane with that front;
 - with an ``evaluate`` stage's results (:func:`write_paper_report`): ``tables/`` (Dorta et al. Table 1: NLL,
   avg KL, MI, marginal KL; Table 2: MSE on [0, 255] mean +- std; the AVAE table: MSE, LPIPS, FID; all metrics)
   as Markdown and CSV, and ``figures/``: input / reconstruction / sample grids of every arm side by side,
@@ -34,6 +37,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from study.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from study.report_figures import (  # noqa: E402
     grid_comparison,
+    pareto_front,
     pareto_mse_sharpness,
     residual_maps,
     variance_loss_vs_mse,
@@ -173,6 +177,43 @@ def _figure(client: MlflowClient, run_id: str, title: str) -> bytes:
         return out.read_bytes()
 
 
+def objectives_front(table: pd.DataFrame, objectives: list[dict[str, str]]) -> pd.DataFrame:
+    """The finished trials of ``table`` (:func:`trials_table`) that no other finished trial dominates on
+    ``objectives`` (``[{metric, mode}, ...]``), sorted by the first objective."""
+    names = [o["metric"] for o in objectives]
+    if not all(n in table for n in names):
+        return table.iloc[0:0]
+    finished = table[table["status"] == "FINISHED"]
+    if finished.empty:
+        return finished
+    mask = pareto_front(finished, minimise=[o["metric"] for o in objectives if o["mode"] == "min"],
+                        maximise=[o["metric"] for o in objectives if o["mode"] == "max"])
+    return finished[mask].sort_values(names[0], ascending=objectives[0]["mode"] == "min")
+
+
+def _objectives_figure(table: pd.DataFrame, front: pd.DataFrame, objectives: list[dict[str, str]]) -> bytes:
+    """Every finished trial in the plane of two objectives, coloured by arm, the Pareto front circled."""
+    x, y = (o["metric"] for o in objectives)
+    finished = table[table["status"] == "FINISHED"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name, group in finished.groupby(finished["variant"].fillna("trials").astype(str)):
+        ax.scatter(group[x], group[y], s=28, alpha=0.8, label=name)
+    if not front.empty:
+        ax.plot(front[x], front[y], color="black", linewidth=1, alpha=0.7)
+        ax.scatter(front[x], front[y], s=110, facecolors="none", edgecolors="black", linewidths=1.2,
+                   label="Pareto front")
+    ax.set_xlabel(f"{x} ({'lower' if objectives[0]['mode'] == 'min' else 'higher'} is better)")
+    ax.set_ylabel(f"{y} ({'lower' if objectives[1]['mode'] == 'min' else 'higher'} is better)")
+    ax.set_title("Multi-objective sweep: final epoch of every finished trial", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pareto.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out.read_bytes()
+
+
 def write_report(summary: dict[str, Any], output_dir: str | Path, client: MlflowClient) -> dict[str, Any]:
     """Write every report file for the sweep ``summary`` (``results/sweep.json``) into ``output_dir``.
 
@@ -219,6 +260,24 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
     if not failed.empty:
         md += ["\n## Failed trials\n", _markdown_table(failed.assign(reason=runs.loc[failed.index].get("tags.failure_reason")),
                                                        ["run_id", "trial_id", "reason"])]
+    objectives = summary.get("objectives") or []
+    front = objectives_front(table, objectives) if len(objectives) == 2 else None
+    if front is not None:
+        names = [o["metric"] for o in objectives]
+        directions = ", ".join(f"`{o['metric']}` ({o['mode']})" for o in objectives)
+        section = [
+            "\n## Pareto front\n",
+            f"Finished trials that no other finished trial beats on both objectives, {directions}, at their last "
+            "epoch (a trial the scheduler stopped early competes with its last values). "
+            "Figure: `figures/pareto_objectives.png`.\n",
+            _markdown_table(front, ["run_id", "trial_id", "variant", *names, *[c for c in sampled if c in front]])
+            if not front.empty else "No finished trial has both objectives.\n",
+        ]
+        md += section
+        title = f"# Sweep `{summary['sweep']}`: Pareto front\n"
+        atomic_write_text(output_dir / "pareto_front.md", title + "\n".join(section))
+        figure = _objectives_figure(table, front, objectives)
+        atomic_write_bytes(output_dir / "figures" / "pareto_objectives.png", figure)
     atomic_write_text(output_dir / "summary.md", "\n".join(md))
 
     metrics: dict[str, Any] = {
@@ -227,6 +286,8 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
         "num_failed": int(len(failed)),
         "num_early_stopped": int((table["early_stopped"] == "true").sum()),
     }
+    if front is not None:
+        metrics["pareto_front"] = list(front["run_id"])
     metrics["per_setting"] = {
         row["setting"]: {m: float(row[m]) for m in SUMMARY_METRICS if m in row and pd.notna(row[m])
                          and (row["elbo_valid"] == "true" or m not in ELBO_METRICS)}

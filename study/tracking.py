@@ -10,7 +10,11 @@ Each child run gets:
 - tags: ``mlflow.parentRunId``, ``ray_trial_id``, ``config_hash``, ``data_sha256`` (the prepared data's
   fingerprint from its manifest), ``likelihood_family``, ``elbo_valid``, and on completion ``epochs_run``,
   ``early_stopped`` and, for failed trials, ``failure_reason``;
-- metrics: every per-epoch metric with ``step`` = epoch;
+- metrics: every per-epoch metric with ``step`` = epoch, including the effective ``beta`` and
+  ``variance_minimiser_alpha`` of that epoch (PBT mutates them; MLflow params cannot change, metrics can) and,
+  under PBT, ``pbt.<dotted path>`` for every mutated config value;
+- tags set while it runs: ``ray_node_id``, ``ray_node_ip``, ``hostname`` (where the latest epoch ran) and
+  ``ray_failures`` (restarts after a failure);
 - artifacts: ``config/trial_config.yaml``, every PNG grid of the last checkpoint under ``images/``
   (``reconstructions.png``: validation inputs above their reconstructions; ``samples.png``: prior samples;
   ``sample_decomposition.png`` for the structured likelihood: mu, eps, mu + eps; AVAE's
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
 MAX_PARAM_LENGTH = 6000
+# Per-epoch values logged as metrics besides the train_* and val_* ones.
+EPOCH_METRICS = ("epoch_seconds", "beta", "variance_minimiser_alpha")
+# Seconds a tracking server gets to answer the health check before the sweep gives up.
+HEALTH_TIMEOUT_S = float(os.environ.get("STUDY_MLFLOW_HEALTH_TIMEOUT_S", "10"))
 # Checkpoint entries needed only to resume training, left out of the copy logged to MLflow.
 TRAINING_ONLY_STATE = {"optimiser", "optimisers", "auxiliary_optimiser", "generator", "torch_rng", "collapse_run"}
 
@@ -69,6 +79,8 @@ def connect(config: TrackingConfig) -> tuple[MlflowClient, str]:
         TrackingUnavailableError: the store or server does not answer (the message names the URI).
     """
     uri = tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         experiment = client.get_experiment_by_name(config.experiment)
@@ -85,6 +97,22 @@ def connect(config: TrackingConfig) -> tuple[MlflowClient, str]:
         ) from err
 
 
+def _check_server(uri: str) -> None:
+    """One quick GET of the server's ``/health`` (MLflow's client would retry for minutes): any HTTP answer
+    counts as reachable, no answer within ``HEALTH_TIMEOUT_S`` raises TrackingUnavailableError."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy, an older server): let MLflow's own calls judge
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server at {uri!r} did not answer within {HEALTH_TIMEOUT_S:g} s ({reason}). "
+            "Start it (`mlflow server --host 127.0.0.1 --port ...`), or fix MLFLOW_TRACKING_URI / tracking.uri."
+        ) from err
+
+
 class SweepTracker:
     """Creates and fills a sweep's parent run and its trials' child runs (driver side only).
 
@@ -93,7 +121,8 @@ class SweepTracker:
         experiment_id: the study's experiment.
         params: the whole validated params.yaml (logged on the parent run).
         data_fingerprint: sha256 of the prepared data (``study.data.store.data_fingerprint``).
-        parent_run_id: reuse an existing parent run (resuming a sweep) instead of creating one.
+        parent_run_id: reuse an existing parent run (resuming a sweep) instead of creating one; it is set
+            back to RUNNING.
     """
 
     def __init__(
@@ -111,7 +140,13 @@ class SweepTracker:
         self.children: dict[str, str] = {}
         self.epochs_run: dict[str, int] = {}
         self.checkpoints: dict[str, Path] = {}
-        if parent_run_id is None:
+        # Last epoch already in MLflow for a child run found again by a new driver (a resumed sweep): epochs
+        # the trial repeats after resuming from an older experiment snapshot are not logged twice.
+        self.logged_steps: dict[str, int] = {}
+        self.tags_set: dict[str, dict[str, str]] = {}
+        if parent_run_id is not None:
+            client.update_run(parent_run_id, status="RUNNING")
+        else:
             run = client.create_run(
                 experiment_id,
                 run_name=params.sweep.name,
@@ -156,6 +191,9 @@ class SweepTracker:
         if existing is not None:
             self.children[trial_id] = existing
             self.client.update_run(existing, status="RUNNING")
+            steps = [m.step for m in self.client.get_metric_history(existing, "epoch_seconds")]
+            if steps:
+                self.logged_steps[trial_id] = self.epochs_run[trial_id] = max(steps)
             return existing
         run = self.client.create_run(
             self.experiment_id,
@@ -182,20 +220,38 @@ class SweepTracker:
                              "config/trial_config.yaml")
         return run_id
 
-    def log_epoch(self, trial_id: str, metrics: dict[str, Any]) -> None:
-        """Log one epoch's numeric metrics (step = ``epoch``)."""
+    def run_id(self, trial_id: str) -> str | None:
+        """The child run of a trial, also one that an earlier driver of a resumed sweep created."""
+        if trial_id not in self.children and (found := self._find_child(trial_id)) is not None:
+            self.children[trial_id] = found
+        return self.children.get(trial_id)
+
+    def log_epoch(self, trial_id: str, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Log one epoch's numeric metrics (step = ``epoch``) and ``extra`` values as metrics of that step."""
         run_id = self.children[trial_id]
         step = int(metrics.get("epoch", metrics.get("training_iteration", 0)))
+        if step <= self.logged_steps.get(trial_id, 0):
+            return  # already logged by the driver that ran this epoch first
         now = int(time.time() * 1000)
+        values = {
+            k: v for k, v in metrics.items() if k.startswith(("train_", "val_")) or k in EPOCH_METRICS
+        } | (extra or {})
         batch = [
             Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"
-            and (k.startswith(("train_", "val_")) or k == "epoch_seconds")
+            for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
         ]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
         self.epochs_run[trial_id] = step
+
+    def set_tags(self, trial_id: str, tags: dict[str, Any]) -> None:
+        """Set tags on a trial's run, skipping a write when none changed (e.g. where the trial runs)."""
+        known = self.tags_set.setdefault(trial_id, {})
+        changed = {k: str(v) for k, v in tags.items() if v is not None and known.get(k) != str(v)}
+        if changed:
+            self.client.log_batch(self.children[trial_id], tags=[RunTag(k, v) for k, v in changed.items()])
+            known |= changed
 
     def remember_checkpoint(self, trial_id: str, directory: str | Path) -> None:
         self.checkpoints[trial_id] = Path(directory)
@@ -241,4 +297,20 @@ class SweepTracker:
         self.client.set_terminated(self.parent_run_id, status=status)
 
 
-__all__ = ["SweepTracker", "TrackingUnavailableError", "connect", "flatten", "tracking_uri"]
+def close_abandoned(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
+    """Mark an unfinished sweep that will not be resumed (its parameters changed) and its still-RUNNING
+    trials as KILLED, so the store shows no run as live forever."""
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception:  # deleted, or another store: nothing to close
+        return
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in children:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    if parent.info.status in ("RUNNING", "FAILED"):
+        client.set_terminated(parent_run_id, status="KILLED")
+
+
+__all__ = ["SweepTracker", "TrackingUnavailableError", "close_abandoned", "connect", "flatten", "tracking_uri"]
