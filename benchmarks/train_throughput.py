@@ -58,6 +58,8 @@ FAMILIES: dict[str, dict] = {
     "gaussian per-pixel": {"family": "gaussian", "gaussian": {"sigma_mode": "per_pixel"}},
     "structured n_f=3": {"family": "structured", "structured": {"neighbourhood_size": 3}},
     "structured n_f=5": {"family": "structured", "structured": {"neighbourhood_size": 5}},
+    # the same likelihood through autograd of its composed operations instead of the fused node
+    "structured n_f=5 composed": {"family": "structured", "structured": {"neighbourhood_size": 5}, "fused": False},
     "blur": {"family": "blur"},
     "laplace": {"family": "laplace"},
     "ffl": {"family": "ffl"},
@@ -90,7 +92,11 @@ class Trial:
     def __init__(self, family: str, batch: int, args: argparse.Namespace, device: torch.device,
                  options: SpeedOptions) -> None:
         torch.manual_seed(0)
-        likelihood = build_likelihood(LikelihoodConfig.model_validate(FAMILIES[family]), latent_dim=args.latent_dim)
+        spec = dict(FAMILIES[family])
+        fused = spec.pop("fused", True)
+        likelihood = build_likelihood(LikelihoodConfig.model_validate(spec), latent_dim=args.latent_dim)
+        if not fused:
+            likelihood.fused = False  # StructuredGaussianLikelihood's composed path (study/likelihoods/structured_fused.py)
         self.model = VAE(likelihood, image_channels=3, resolution=args.size, latent_dim=args.latent_dim,
                          width=args.width).to(device)
         self.plain = copy.deepcopy(self.model)  # eager fp32 copy for the FLOP count
