@@ -355,9 +355,19 @@ class SchedulerConfig(_Strict):
 
 class ResourcesConfig(_Strict):
     cpu: float = Field(default=1.0, gt=0.0)
-    gpu: float = Field(default=0.0, ge=0.0)  # fractions let several trials share one GPU
+    # GPUs per trial. A fraction packs several trials on one GPU (Ray's fractional GPUs: 0.25 = four trials per
+    # GPU, each seeing the same device); above 1 it must be whole. 0 hides every GPU from the trials (Ray sets
+    # CUDA_VISIBLE_DEVICES to empty), so trials train on CPU even on a GPU machine.
+    gpu: float = Field(default=0.0, ge=0.0)
     # Ray custom resources per trial, e.g. {node_a: 1} with `ray start --resources='{"node_a": 1}'`.
     custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("gpu")
+    @classmethod
+    def _ray_gpu_amount(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"gpu above 1 must be a whole number of GPUs (Ray's rule), got {v}")
+        return v
 
     @field_validator("custom")
     @classmethod
@@ -510,6 +520,13 @@ class StudyParams(_Strict):
     def _dataset_is_listed(self) -> "StudyParams":
         if self.sweep.dataset not in self.datasets:
             raise ValueError(f"sweep.dataset {self.sweep.dataset!r} is not one of datasets: {sorted(self.datasets)}")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_trials_get_a_gpu(self) -> "StudyParams":
+        if self.train.device == "cuda" and self.sweep.resources_per_trial.gpu == 0:
+            raise ValueError("train.device is 'cuda' but sweep.resources_per_trial.gpu is 0, so Ray hides every "
+                             "GPU from the trials; give each trial a GPU share, e.g. gpu: 0.25 for four per GPU")
         return self
 
     def dataset_dir(self, name: str | None = None) -> Path:

@@ -38,6 +38,17 @@ def test_bad_params_name_the_field(raw, field):
     assert field in str(err.value)
 
 
+def test_gpu_shares_follow_rays_rules():
+    assert parse_params({"sweep": {"resources_per_trial": {"gpu": 0.25}}}).sweep.resources_per_trial.gpu == 0.25
+    assert parse_params({"sweep": {"resources_per_trial": {"gpu": 2}}}).sweep.resources_per_trial.gpu == 2
+    with pytest.raises(ConfigError, match="sweep.resources_per_trial.gpu.*whole number"):
+        parse_params({"sweep": {"resources_per_trial": {"gpu": 1.5}}})
+    # a CUDA trial that Ray would give no GPU fails at load, not after the sweep started
+    with pytest.raises(ConfigError, match="resources_per_trial.gpu is 0"):
+        parse_params({"train": {"device": "cuda"}})
+    parse_params({"train": {"device": "cuda"}, "sweep": {"resources_per_trial": {"gpu": 0.5}}})
+
+
 def test_search_space_key_must_exist():
     with pytest.raises(ConfigError, match="train.betaa"):
         parse_params({"sweep": {"search_space": {"train.betaa": {"distribution": "uniform", "low": 0, "high": 1}}}})
