@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from study.atomic import atomic_write_bytes, atomic_write_text
     from study.data.loader import DeviceSplit
-    from study.evaluate import evaluate_model, example_images
+    from study.evaluate import evaluate_model
+    from study.evaluate_examples import example_images
     from study.tracking import connect
     from study.train import load_checkpoint, select_device
 

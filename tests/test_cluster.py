@@ -73,7 +73,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     temp = Path(f"/tmp/rayc_{secrets.token_hex(4)}")  # short: Ray's socket paths must fit in 107 bytes
     env = stage_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set by study.sweep in this process; it forbids nodes
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set by study.sweep_ray in this process; it forbids nodes
     gcs, dashboard, mlflow_port = free_port(), free_port(), free_port()
     sessions = []
     try:

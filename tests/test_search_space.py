@@ -11,7 +11,7 @@ pytest.importorskip("ray")
 
 
 def _space(search_space, likelihood=None):
-    from study.sweep import DefineByRunSpace
+    from study.sweep_space import DefineByRunSpace
 
     params = parse_params({"sweep": {"search_space": search_space}, **({"likelihood": likelihood} if likelihood else {})})
     return DefineByRunSpace(params.sweep.search_space, params.base_trial_config())

@@ -46,7 +46,7 @@ def embedded_ray():
     """One embedded Ray (loopback) for the in-process sweeps of this module, shut down afterwards."""
     import ray
 
-    from study.sweep import init_ray, node_addresses
+    from study.sweep_ray import init_ray, node_addresses
 
     init_ray()
     assert set(node_addresses()) == {"127.0.0.1"}
@@ -109,7 +109,7 @@ def test_mutation_paths_must_exist_and_numbers_mean_constant_schedules():
     with pytest.raises(ConfigError, match="train.betta"):
         params.sweep.check_paths(params.base_trial_config())
 
-    from study.sweep import resolve_overrides
+    from study.sweep_space import resolve_overrides
 
     base = parse_params({"likelihood": {"family": "structured"}}).base_trial_config()
     config = resolve_overrides(base, {"likelihood.structured.variance_minimiser_alpha": 50.0, "train.beta": 2.0})

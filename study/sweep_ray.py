@@ -1,0 +1,58 @@
+"""Ray in this process: the environment switches Ray must see, an embedded Ray on loopback or the cluster at
+``RAY_ADDRESS``, and the addresses of the live nodes.
+
+Ray runs embedded in the process by default, bound to 127.0.0.1; with ``RAY_ADDRESS`` set it joins that cluster
+instead (``ray job submit ... -- python -m pipelines.sweep`` sets it for the job). Ray reads some switches only
+once, when it is first imported, so every sweep module imports this one before ``ray``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray must not phone home or bind to the network interface: set before ray is imported anywhere (init_ray
+# re-applies the cluster and uv switches where ray was imported first).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Workers run the driver's interpreter (the project's venv) rather than re-resolving it through `uv run`.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# A checkpoint every epoch of a seconds-long trial is expected here, not a bottleneck worth a warning.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+import ray  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Start an embedded Ray on loopback, or join ``RAY_ADDRESS`` when it is set. Idempotent."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    from ray._private import ray_constants
+
+    # Ray reads these switches from the environment once, when it is first imported, which may have happened
+    # before this module set them (a test session). Embedded or on a loopback cluster this process must
+    # advertise 127.0.0.1, not the LAN address Ray substitutes for it; on a real cluster, its node's address.
+    ray_constants.ENABLE_RAY_CLUSTER = bool(address) and not _is_loopback(address)
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"].lower() in ("1", "true")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+
+
+def node_addresses() -> list[str]:
+    """IP addresses of the live Ray nodes (for checks that an embedded Ray stayed on loopback)."""
+    return [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]

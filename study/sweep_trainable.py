@@ -1,0 +1,130 @@
+"""The Ray Tune trainable: one trial in its worker process, from the sampled values to ``study.train.run_trial``,
+reporting every epoch with a checkpoint; where its prepared data is on the worker's node; the test hooks.
+
+Ray pickles :func:`_trainable` by reference to this module: a worker imports this module (not the driver,
+``study.sweep``). A trial's directory is named after the function (``_trainable_<id>_<n>_...``), which the
+``STUDY_TEST_NAN_TRIAL`` hook matches.
+
+Test hooks (environment variables read on the driver and handed to the trials; for tests only):
+- ``STUDY_TEST_NAN_TRIAL=<text>``: a trial whose directory name (``_trainable_<id>_<n>_<sampled values>``)
+  or sampled-config JSON contains ``<text>`` raises ``NonFiniteLossError`` instead of reporting epoch
+  ``STUDY_TEST_NAN_EPOCH`` (default 2) and every later one.
+- ``STUDY_TEST_PID_DIR=<dir>``: each trial process writes ``<dir>/<trial_id>.json`` with its pid, the epoch it
+  started from and its last reported epoch (to kill a trial's worker from outside).
+- ``STUDY_TEST_EPOCH_SLEEP=<seconds>``: a trial pauses that long after reporting each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import study.sweep_ray  # noqa: F401  (first: it sets Ray's environment switches before ray is imported)
+
+# isort: split
+import ray
+from ray import tune
+from ray.tune import Checkpoint
+
+from study.atomic import atomic_write_text
+from study.config import TrialConfig
+from study.data.store import data_fingerprint
+from study.sweep_space import _overrides, resolve_overrides
+
+HOOK_ENV = {
+    "nan_trial": "STUDY_TEST_NAN_TRIAL",
+    "nan_epoch": "STUDY_TEST_NAN_EPOCH",
+    "pid_dir": "STUDY_TEST_PID_DIR",
+    "epoch_sleep": "STUDY_TEST_EPOCH_SLEEP",
+}
+
+
+def _hooks_from_env() -> dict[str, str]:
+    """The test hooks set in the driver's environment (see the module docstring)."""
+    return {name: os.environ[var] for name, var in HOOK_ENV.items() if os.environ.get(var)}
+
+
+def _locate_data(config: TrialConfig, relative: str | None, fingerprint: str | None) -> TrialConfig:
+    """The trial config with a data directory that exists on this node.
+
+    The driver resolves ``data_dir`` on its own machine. A worker where that path does not exist (another
+    machine that received the data inside the job's ``--working-dir``) looks for ``relative`` next to the code
+    it runs, and accepts it only when its manifest has the driver's fingerprint.
+    """
+    if config.data_dir.is_dir() or not relative:
+        return config
+    import study
+
+    candidate = Path(study.__file__).resolve().parents[1] / relative
+    if not candidate.is_dir():
+        return config  # run_trial raises FileNotFoundError naming the driver's path
+    if fingerprint and data_fingerprint(candidate) != fingerprint:
+        raise FileNotFoundError(
+            f"prepared data {config.data_dir} is not on this node, and {candidate} holds different data "
+            "(its manifest's sha256 differs from the driver's)"
+        )
+    return config.model_copy(update={"data_dir": candidate})
+
+
+def _write_progress(pid_dir: str, trial_id: str, info: dict[str, Any]) -> None:
+    atomic_write_text(Path(pid_dir) / f"{trial_id}.json", json.dumps(info) + "\n")
+
+
+def _trainable(
+    config: dict[str, Any],
+    base: dict[str, Any],
+    data_dir_relative: str | None = None,
+    data_sha256: str | None = None,
+    hooks: dict[str, str] | None = None,
+) -> None:
+    """Ray Tune function trainable: resolve the trial config, train, report every epoch with a checkpoint.
+
+    Started again with the trial's latest checkpoint after a failure, after a resumed sweep, or by PBT with a
+    mutated ``config`` and another trial's checkpoint: training then continues from that checkpoint's epoch
+    with the config given now.
+    """
+    from study.train import NonFiniteLossError, run_trial  # imported in the worker; keeps the driver light
+
+    hooks = hooks or {}
+    overrides = _overrides(config)
+    trial_config = _locate_data(
+        resolve_overrides(TrialConfig.model_validate(base), overrides), data_dir_relative, data_sha256
+    )
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    node_id = ray.get_runtime_context().get_node_id()
+    label = f"{Path(context.get_trial_dir()).name} {json.dumps(overrides, sort_keys=True, default=str)}"
+    nan_from = int(hooks["nan_epoch"]) if "nan_epoch" in hooks else 2
+    forced_nan = bool(hooks.get("nan_trial")) and hooks["nan_trial"] in label
+    sleep = float(hooks.get("epoch_sleep", 0))
+    progress = {"pid": os.getpid(), "node_id": node_id, "start_epoch": 0, "epoch": 0}
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        epoch = int(metrics.get("epoch", 0))
+        if forced_nan and epoch >= nan_from:
+            raise NonFiniteLossError(
+                f"non-finite training loss at epoch {epoch}: nan (test hook {HOOK_ENV['nan_trial']})"
+            )
+        tune.report(metrics | {"node_id": node_id}, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+        if "pid_dir" in hooks:
+            _write_progress(hooks["pid_dir"], trial_id, progress | {"epoch": epoch})
+        if sleep:
+            time.sleep(sleep)
+
+    # A restarted trial (lost worker, resumed sweep, PBT exploit) continues from its checkpoint's epoch.
+    checkpoint = tune.get_checkpoint()
+    with (
+        tempfile.TemporaryDirectory(prefix="trial-") as workdir,
+        checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from,
+    ):
+        if "pid_dir" in hooks:
+            saved = Path(resume_from) / "metrics.json" if resume_from else None
+            done = int(json.loads(saved.read_text()).get("epoch", 0)) if saved and saved.is_file() else 0
+            progress |= {"start_epoch": done, "epoch": done}
+            _write_progress(hooks["pid_dir"], trial_id, progress)
+        run_trial(trial_config, report, workdir=workdir, resume_from=resume_from)
