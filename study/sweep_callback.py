@@ -80,7 +80,7 @@ class MlflowCallback(Callback):
         self.tracker.set_tags(
             trial.trial_id,
             {"ray_node_id": result.get("node_id"), "ray_node_ip": result.get("node_ip"),
-             "hostname": result.get("hostname")},
+             "hostname": result.get("hostname"), "ray_gpu_ids": result.get("gpu_ids"), "device": result.get("device")},
         )
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:

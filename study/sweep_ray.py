@@ -29,8 +29,13 @@ def _is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Start an embedded Ray on loopback, or join ``RAY_ADDRESS`` when it is set. Idempotent."""
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Start an embedded Ray on loopback, or join ``RAY_ADDRESS`` when it is set. Idempotent.
+
+    The embedded Ray is always a new instance (``address="local"``), never a cluster some earlier ``ray start``
+    left running on this machine, which a bare ``ray.init()`` would join. ``num_cpus`` / ``num_gpus`` override
+    what Ray detects (None: detect); they apply to the embedded Ray only.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -45,7 +50,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            address="local",
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
             configure_logging=True,

@@ -88,7 +88,7 @@ def _trainable(
     mutated ``config`` and another trial's checkpoint: training then continues from that checkpoint's epoch
     with the config given now.
     """
-    from study.train import NonFiniteLossError, run_trial  # imported in the worker; keeps the driver light
+    from study.train import NonFiniteLossError, run_trial, select_device  # in the worker: keeps the driver light
 
     hooks = hooks or {}
     overrides = _overrides(config)
@@ -97,7 +97,12 @@ def _trainable(
     )
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    node_id = ray.get_runtime_context().get_node_id()
+    runtime = ray.get_runtime_context()
+    node_id = runtime.get_node_id()
+    # Where the trial runs: Ray's GPU ids for it (a fractional share names the GPU it shares; with gpu: 0 Ray
+    # hides every GPU) and the torch device run_trial picks from them.
+    gpu_ids = ",".join(map(str, runtime.get_accelerator_ids().get("GPU", []))) or "none"
+    placement = {"node_id": node_id, "gpu_ids": gpu_ids, "device": str(select_device(trial_config.train.device))}
     label = f"{Path(context.get_trial_dir()).name} {json.dumps(overrides, sort_keys=True, default=str)}"
     nan_from = int(hooks["nan_epoch"]) if "nan_epoch" in hooks else 2
     forced_nan = bool(hooks.get("nan_trial")) and hooks["nan_trial"] in label
@@ -110,7 +115,7 @@ def _trainable(
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {epoch}: nan (test hook {HOOK_ENV['nan_trial']})"
             )
-        tune.report(metrics | {"node_id": node_id}, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+        tune.report(metrics | placement, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
         if "pid_dir" in hooks:
             _write_progress(hooks["pid_dir"], trial_id, progress | {"epoch": epoch})
         if sleep:

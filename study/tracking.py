@@ -13,8 +13,9 @@ Each child run gets:
 - metrics: every per-epoch metric with ``step`` = epoch, including the effective ``beta`` and
   ``variance_minimiser_alpha`` of that epoch (PBT mutates them; MLflow params cannot change, metrics can) and,
   under PBT, ``pbt.<dotted path>`` for every mutated config value;
-- tags set while it runs: ``ray_node_id``, ``ray_node_ip``, ``hostname`` (where the latest epoch ran) and
-  ``ray_failures`` (restarts after a failure);
+- tags set while it runs: ``ray_node_id``, ``ray_node_ip``, ``hostname``, ``ray_gpu_ids`` (the GPUs Ray gave
+  the trial, ``none`` without; trials with fractional shares of one GPU all name it) and ``device`` (the torch device it trained
+  on), all where the latest epoch ran, and ``ray_failures`` (restarts after a failure);
 - artifacts: ``config/trial_config.yaml``, every PNG grid of the last checkpoint under ``images/``
   (``reconstructions.png``: validation inputs above their reconstructions; ``samples.png``: prior samples;
   ``sample_decomposition.png`` for the structured likelihood: mu, eps, mu + eps; AVAE's

@@ -161,6 +161,7 @@ def test_non_finite_trial_fails_with_reason_and_the_sweep_goes_on(tmp_path, prep
     for run in runs:
         if run is not failed[0]:
             assert run.info.status == "FINISHED" and run.data.tags["epochs_run"] == "3"
+            assert run.data.tags["ray_gpu_ids"] == "none" and run.data.tags["device"] == "cpu"  # gpu: 0 hides GPUs
             assert steps(client, run.info.run_id) == [1, 2, 3]
     assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
     state = json.loads((tmp_path / "ray_results" / "tiny.sweep_state.json").read_text())
