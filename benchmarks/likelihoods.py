@@ -41,6 +41,8 @@ CASES = {
     "gaussian per-pixel (baseline)": lambda: GaussianLikelihood(sigma_mode="per_pixel"),
     "structured n_f=3": lambda: StructuredGaussianLikelihood(3),
     "structured n_f=5": lambda: StructuredGaussianLikelihood(5),
+    # the same likelihood through autograd of its composed operations (what the fused node replaces)
+    "structured n_f=5 composed": lambda: StructuredGaussianLikelihood(5, fused=False),
     "structured n_f=7": lambda: StructuredGaussianLikelihood(7),
     "structured n_f=3, basis 4": lambda: StructuredGaussianLikelihood(3, num_basis=4),
     "structured n_f=7, basis 4": lambda: StructuredGaussianLikelihood(7, num_basis=4),
