@@ -41,6 +41,7 @@ from study.data.store import data_fingerprint
 from study.likelihoods import family_elbo_valid
 from study.sweep_callback import _TRACKERS, MlflowCallback
 from study.sweep_space import _param_space, _scheduler, _searcher, resolve_overrides
+from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
 from study.sweep_state import STATE_SUFFIX, _drop_orphans, _params_digest, _resumable_state, _save_state
 from study.sweep_trainable import _hooks_from_env, _trainable
 from study.tracking import SweepTracker, connect, tracking_uri
