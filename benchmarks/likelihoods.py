@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+from machine_info import cpu_name  # benchmarks/ is on sys.path when a script there runs
 
 from study.likelihoods.blur import BlurErrorLikelihood
 from study.likelihoods.gaussian import GaussianLikelihood
@@ -174,12 +174,7 @@ def _forward_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     text = f"CPU: {cpu} ({torch.get_num_threads()} torch threads); torch {torch.__version__}"
     if device.startswith("cuda"):
         text += f"; GPU: {torch.cuda.get_device_name(torch.device(device))}"

@@ -26,11 +26,11 @@ import argparse
 import datetime
 import hashlib
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from machine_info import cpu_name  # benchmarks/ is on sys.path when a script there runs
 from PIL import Image
 
 from study.data.celeba import prepare_split
@@ -39,14 +39,6 @@ from study.data.lsun import encode_lsun_jpeg, list_keys, prepare_records, write_
 REPO = Path(__file__).resolve().parents[1]
 CELEBA = REPO / "data" / "sample" / "celeba" / "img_align_celeba"
 FULL = {"celeba": 202_599, "lsun": 126_227 + 300}  # aligned CelebA; church_outdoor train + val LMDBs
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def build_lsun(path: Path, files: list[Path], copies: int) -> int:
@@ -100,7 +92,7 @@ def main() -> None:
                 seconds = best_of(args.repeats, lambda run=run, workers=workers: run(workers))
                 rows.append((case, workers, count, seconds))
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); {datetime.date.today().isoformat()}")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); {datetime.date.today().isoformat()}")
     print()
     print(
         f"prepare at {args.resolution} x {args.resolution}, min of {args.repeats} runs. CelebA: "

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_info import cpu_name  # benchmarks/ is on sys.path when a script there runs
 from torch.utils.flop_counter import FlopCounterMode
 
 from study.config import LikelihoodConfig
@@ -161,12 +162,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 
 def machine(devices: list[torch.device]) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """Date (UTC), CPU, thread count and versions, and the GPU and CUDA version when ``devices`` has CUDA."""
+    cpu = cpu_name()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu}, {os.cpu_count()} logical cores, {torch.backends.cpu.get_cpu_capability()}",

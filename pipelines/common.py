@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from study.config import ConfigError, StudyParams, load_params
 
@@ -27,3 +29,12 @@ def stage_arguments(
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def sweep_summary(params: StudyParams) -> dict | None:
+    """The sweep stage's summary (``sweep.output``, JSON), or None after printing to stderr that it is missing."""
+    path = Path(params.sweep.output)
+    if not path.is_file():
+        print(f"error: {path} not found: run the sweep first (`uv run dvc repro sweep`)", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())

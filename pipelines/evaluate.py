@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.common import stage_arguments
+from pipelines.common import stage_arguments, sweep_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from study.train import load_checkpoint, select_device
 
     cfg = params.evaluate
-    summary_path = Path(params.sweep.output)
-    if not summary_path.is_file():
-        print(f"error: {summary_path} not found: run the sweep first (`uv run dvc repro sweep`)", file=sys.stderr)
+    summary = sweep_summary(params)
+    if summary is None:
         return 1
-    summary = json.loads(summary_path.read_text())
     client, _ = connect(params.tracking)
     device = select_device(cfg.device)
     data = DeviceSplit(params.dataset_dir(), cfg.split, device)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from pipelines.common import stage_arguments
+from pipelines.common import stage_arguments, sweep_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,11 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     from study.report import write_report
     from study.tracking import connect
 
-    summary_path = Path(params.sweep.output)
-    if not summary_path.is_file():
-        print(f"error: {summary_path} not found: run the sweep first (`uv run dvc repro sweep`)", file=sys.stderr)
+    summary = sweep_summary(params)
+    if summary is None:
         return 1
-    summary = json.loads(summary_path.read_text())
     client, _ = connect(params.tracking)
     metrics = write_report(summary, params.report.output_dir, client)
     evaluation = Path(params.evaluate.output_dir)

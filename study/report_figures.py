@@ -217,6 +217,14 @@ def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
 
 
+def _finite_rows(df: pd.DataFrame, x: str, y: str, label: str) -> pd.DataFrame:
+    """Columns x, y (and label if present) of the rows where both x and y are finite; empty without x or y."""
+    if x not in df or y not in df:
+        return pd.DataFrame()
+    data = df[[c for c in (x, y, label) if c in df.columns]].copy()
+    return data[np.isfinite(data[x].astype(float)) & np.isfinite(data[y].astype(float))]
+
+
 def pareto_mse_sharpness(
     df: pd.DataFrame, x: str = "test_mse", y: str = "test_sharpness_ratio", label: str = "family"
 ) -> bytes:
@@ -236,9 +244,7 @@ def pareto_mse_sharpness(
     """
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()
-    data = df[[c for c in (x, y, label) if c in df.columns]].copy() if x in df and y in df else pd.DataFrame()
-    if len(data):
-        data = data[np.isfinite(data[x].astype(float)) & np.isfinite(data[y].astype(float))]
+    data = _finite_rows(df, x, y, label)
     if not len(data):
         _empty(ax, "no trials with both metrics")
     else:
@@ -275,9 +281,7 @@ def variance_loss_vs_mse(
     """
     fig = Figure(figsize=(5.6, 5.0))
     ax = fig.subplots()
-    data = df[[c for c in (x, y, label) if c in df.columns]].copy() if x in df and y in df else pd.DataFrame()
-    if len(data):
-        data = data[np.isfinite(data[x].astype(float)) & np.isfinite(data[y].astype(float))]
+    data = _finite_rows(df, x, y, label)
     if not len(data):
         _empty(ax, "no trials with both metrics")
     else:
