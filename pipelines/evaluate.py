@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     client, _ = connect(params.tracking)
     device = select_device(cfg.device)
     data = DeviceSplit(params.dataset_dir(), cfg.split, device)
-    images = data.take(torch.arange(len(data), device=device))  # (N, C, H, W) in [0, 1]
+    index = torch.arange(len(data), device=device)
+    images = data.take(index)  # (N, C, H, W) in [0, 1]
+    # YCbCr: pixel metrics against the RGB before the conversion (Dorta et al. 2018), when prepare kept it.
+    reference = data.take_pixel_reference(index) if data.rgb_reference is not None else None
     out_dir = Path(cfg.output_dir)
     evaluated, examples = {}, {}
     for arm, trial in summary["best_per_variant"].items():
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=cfg.seed, color=data.color, lpips_weights=cfg.lpips_weights,
                 inception_weights=cfg.inception_weights, num_fid_samples=cfg.num_fid_samples, device=device,
                 num_recon_passes=cfg.num_recon_passes, iwae_batch_size=cfg.iwae_batch_size, prefix=cfg.split,
+                pixel_reference=reference,
             )
             for name, array in example_images(model, images, cfg.num_examples, cfg.seed, data.color).items():
                 examples[f"{arm}/{name}"] = array

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params.prepare
     skip = cfg.skip_corrupt if args.skip_corrupt is None else args.skip_corrupt
 
-    from study.data.color import to_storage
+    from study.data.color import storage_arrays
     from study.data.store import write_prepared
 
     for name in names:
@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        stored = {
-            f"{split}{suffix}": array
-            for split, rgb in arrays.items()
-            for suffix, array in to_storage(rgb, cfg.color, cfg.chroma_factor).items()
-        }
+        stored = storage_arrays(arrays, cfg.color, cfg.chroma_factor)
         output = params.dataset_dir(name)
         manifest = write_prepared(
             output,
@@ -72,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 "name": name,
                 "color": cfg.color,
                 "chroma_factor": cfg.chroma_factor if cfg.color == "ycbcr" else 1,
+                # The original RGB of these splits, for pixel metrics of YCbCr models (Dorta et al. 2018).
+                "rgb_reference": {s: f"{s}_rgb" for s in arrays if f"{s}_rgb" in stored},
                 "params": {"dataset": dataset.model_dump(mode="json"), "prepare": cfg.model_dump(mode="json")},
             },
         )

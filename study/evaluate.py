@@ -21,7 +21,8 @@ What is measured (SPEC, "Facts from the papers' own text", and SPEC 5.1):
   reconstructions, and minus that of N prior samples (equal-size sets); and its ratio to the mean MSE on [0, 1].
 - **Likelihood** (Dorta Table 1), only when ``model.likelihood.elbo_valid``: the IWAE NLL bound with K =
   ``num_importance_samples`` (Burda et al. 2016; Dorta uses K = 500), in nats per image and bits per dimension
-  (dims = C * H * W of the modelled images; a continuous density on [0, 1], so it can be negative), and the
+  (D = the dimensions the likelihood models, ``likelihood.num_dims``: C H W, or H W + 2 (H / f)(W / f) for
+  YCbCr with chroma downsampled by f; a continuous density on [0, 1], so it can be negative), and the
   single-sample ELBO at beta = 1. Otherwise they are recorded as unavailable with the reason.
 - **ELBO surgery** (Hoffman & Johnson 2016, as in Dorta Table 1): avg KL, mutual information, marginal KL, and the
   maximum MI log N, over the whole evaluated set (S = N). These depend only on the encoder q(z | x), so they are
@@ -34,7 +35,10 @@ Pixel space. Reconstructions and samples are clamped to [0, 1] before any pixel 
 outside [0, 1] is not a displayable image; sigmoid means are unaffected). ``color="ycbcr"`` models full-resolution
 (Y, Cb, Cr) images: inputs, reconstructions and samples are converted to RGB with
 :func:`study.data.color.ycbcr_to_rgb` and clamped to [0, 1] before pixel and perceptual metrics, while likelihood
-metrics stay in the model's YCbCr space. ``color="grey"`` keeps one channel for pixel metrics and repeats it to
+metrics stay in the model's YCbCr space. The inputs they are compared with are the split's RGB *before* the
+conversion to YCbCr (``pixel_reference``; Dorta et al. 2018 measure MSE that way), so the chroma downsampling
+error counts against YCbCr models as it would in a comparison with RGB models; its size on the split is
+``<prefix>_chroma_floor_mse_255``. ``color="grey"`` keeps one channel for pixel metrics and repeats it to
 three channels for LPIPS and FID.
 
 Standard deviations are over images, population (ddof = 0, ``np.std``'s default). Random draws come from
@@ -98,6 +102,7 @@ def evaluate_model(
     prefix: str = "test",
     lpips_net: nn.Module | None = None,
     fid_features: nn.Module | None = None,
+    pixel_reference: Tensor | None = None,
 ) -> EvaluationResult:
     """Evaluate one trained model on a set of images (normally the whole test split).
 
@@ -138,12 +143,19 @@ def evaluate_model(
             batches to per-image distances, named by class in ``implementations``.
         fid_features: a feature extractor for FID instead of the study's Inception (overrides ``inception_weights``;
             its class name is recorded as the implementation, so such values are never mistaken for the standard).
+        pixel_reference: for ``color = ycbcr``, the images' RGB before the conversion to YCbCr, float (N, 3, H, W)
+            in [0, 1] (``<split>_rgb.npy`` of the prepared data): pixel, sharpness, variance-loss and perceptual
+            metrics compare with it, as Dorta et al. 2018 measure MSE "using the RGB before the conversion to
+            YCbCr", and ``<prefix>_chroma_floor_mse_255`` records the MSE on [0, 255] of the stored YCbCr itself
+            (Y with 16 x 16 chroma, converted back) against it: about the least a YCbCr model can reach. Without it
+            the reference is RGB rebuilt from ``images`` (the floor is then hidden), as ``settings`` says.
 
     Returns:
         :class:`EvaluationResult`.
 
     Raises:
-        ValueError: bad shapes, channels that do not match ``color``, values outside [0, 1], or non-positive counts.
+        ValueError: bad shapes, channels that do not match ``color``, values outside [0, 1], non-positive counts,
+            or a ``pixel_reference`` that is not (N, 3, H, W) or is given for a colour other than ``ycbcr``.
         TypeError: the model follows neither protocol.
     """
     check_inputs(images, color, num_importance_samples=num_importance_samples, batch_size=batch_size,
@@ -162,10 +174,22 @@ def evaluate_model(
 
     # Inputs in pixel space (RGB for ycbcr), kept whole: set metrics need them.
     images_px = images if color != "ycbcr" else _to_pixel_space(images, color)  # (N, C', H, W)
+    if pixel_reference is not None:
+        if color != "ycbcr":
+            raise ValueError(f"pixel_reference is the RGB of YCbCr data; got it with color={color!r}")
+        if tuple(pixel_reference.shape) != (n_images, 3, height, width):
+            raise ValueError(f"pixel_reference has shape {tuple(pixel_reference.shape)}, expected "
+                             f"{(n_images, 3, height, width)}")
+        reference = pixel_reference.to(images.device, torch.float32)
+        floor = (images_px - reference).square().flatten(1).mean(1) * 255.0**2  # (N,) per-image MSE on [0, 255]
+        scores.metrics[f"{prefix}_chroma_floor_mse_255"] = float(floor.double().mean())
+        images_px = reference  # (N, 3, H, W)
     lpips_model = lpips_network(lpips_net, lpips_weights, device, scores)
     ssim_ok = min(height, width) >= 11
     stochastic = num_recon_passes > 1
-    num_dims = channels * height * width
+    # D of bits/dim: the dimensions the likelihood models (H W + 2 (H / f)(W / f) for YCbCr), the same function
+    # the training loop's val_bits_per_dim uses.
+    num_dims = model.likelihood.num_dims((channels, height, width)) if is_vae else channels * height * width
 
     # The groups' order is part of the result: see study.evaluate_metrics.
     with _eval_mode(model):
@@ -200,7 +224,10 @@ def evaluate_model(
     pixel_space = {
         "rgb": "RGB [0, 1]",
         "grey": "grey [0, 1] (repeated to 3 channels for LPIPS / FID)",
-        "ycbcr": "RGB [0, 1] converted from YCbCr (ycbcr_to_rgb, clamped); likelihoods in YCbCr",
+        "ycbcr": "RGB [0, 1]: reconstructions converted from YCbCr (ycbcr_to_rgb, clamped), compared with "
+                 + ("the RGB before the conversion to YCbCr" if pixel_reference is not None else
+                    "RGB rebuilt from the stored YCbCr (no full-resolution RGB given: the chroma floor is hidden)")
+                 + "; likelihoods in YCbCr",
     }[color]
     settings: dict[str, Any] = {
         "num_images": int(n_images),
@@ -273,11 +300,13 @@ def evaluate_checkpoint(
     dev = torch.device(device) if device is not None else select_device("auto")
     config, model, state = load_checkpoint(checkpoint_dir, dev)
     data = DeviceSplit(data_dir, split, dev)
-    images = data.take(torch.arange(len(data), device=dev))  # (N, C, H, W) float in [0, 1]
+    index = torch.arange(len(data), device=dev)
+    images = data.take(index)  # (N, C, H, W) float in [0, 1]
     kwargs.setdefault("prefix", split)
-    result = evaluate_model(
-        model, images, device=dev, color=color or _color_from_manifest(data_dir, images.shape[1]), **kwargs
-    )
+    color = color or _color_from_manifest(data_dir, images.shape[1])
+    if color == "ycbcr" and data.rgb_reference is not None:
+        kwargs.setdefault("pixel_reference", data.take_pixel_reference(index))  # (N, 3, H, W) original RGB
+    result = evaluate_model(model, images, device=dev, color=color, **kwargs)
     result.settings.update(
         checkpoint=str(checkpoint_dir),
         epoch=int(state.get("epoch", -1)),

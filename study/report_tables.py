@@ -203,7 +203,16 @@ def dorta_table2(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
     """Dorta et al. 2018, Table 2 style: MSE on [0, 255], mean +- std over images. Returns (markdown, csv)."""
     caption = ("*Dorta et al. 2018, Table 2 style. MSE of the reconstruction per pixel on the [0, 255] scale, "
                "mean +- std over test images; lower is better.*")
-    return _build(_ordered(df), [_Column("MSE [0, 255]", "mse_255", with_std=True)], prefix, caption)
+    columns = [_Column("MSE [0, 255]", "mse_255", with_std=True)]
+    floor = f"{prefix}_chroma_floor_mse_255"
+    if floor in df.columns and df[floor].map(lambda v: not _is_missing(v)).any():
+        # YCbCr arms: their MSE is measured against the RGB before the conversion (as Dorta et al. do), so it
+        # includes the chroma downsampling error; the floor column says how much of it no model can remove.
+        columns.append(_Column("Chroma floor [0, 255]", "chroma_floor_mse_255"))
+        caption = caption[:-1] + (" For YCbCr arms the reference is the RGB before the conversion to YCbCr; the "
+                                  "chroma floor is the MSE of the stored data itself (Y with downsampled Cb, Cr, "
+                                  "converted back) against it: about the least a YCbCr model can reach.*")
+    return _build(_ordered(df), columns, prefix, caption)
 
 
 def avae_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:

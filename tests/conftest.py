@@ -50,3 +50,31 @@ def tiny_trial_config(data_dir: Path, **train):
             "train": {"epochs": 2, "batch_size": 8, "grid_size": 4, **train},
         }
     )
+
+
+def _prepare_with_stage(out_root: Path, color: str, resolution: int = 32) -> Path:
+    """Run the real ``prepare`` stage entry point on the embedded sample, in ``color``; returns the dataset dir."""
+    import yaml
+
+    from pipelines.prepare import main as prepare_main
+
+    params = out_root / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "datasets": {"celeba": {"kind": "celeba", "root": str(SAMPLE)}},
+        "prepare": {"resolution": resolution, "color": color, "output_root": str(out_root / "prepared")},
+        "sweep": {"dataset": "celeba"},
+    }))
+    assert prepare_main(["--params", str(params)]) == 0
+    return out_root / "prepared" / "celeba"
+
+
+@pytest.fixture(scope="session")
+def prepared_ycbcr_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample prepared at 32 x 32 in YCbCr (Y, 8 x 8 chroma, and the val / test RGB) by the prepare stage."""
+    return _prepare_with_stage(tmp_path_factory.mktemp("prepared_ycbcr"), "ycbcr")
+
+
+@pytest.fixture(scope="session")
+def prepared_grey_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample prepared at 32 x 32 as grey (the BT.601 luma) by the prepare stage."""
+    return _prepare_with_stage(tmp_path_factory.mktemp("prepared_grey"), "grey")

@@ -277,6 +277,36 @@ def to_storage(images: np.ndarray, color: str, factor: int = 4) -> dict[str, np.
     return {"": luma, "_chroma": np.clip(np.rint(chroma), 0, 255).astype(np.uint8)}
 
 
+#: Splits whose full-resolution RGB is kept beside their YCbCr arrays (``<split>_rgb.npy``): Dorta et al. 2018
+#: measure MSE "using the RGB before the conversion to YCbCr", so pixel metrics of YCbCr models need the
+#: original RGB, not RGB rebuilt from the downsampled chroma (which hides the chroma downsampling error).
+RGB_REFERENCE_SPLITS: tuple[str, ...] = ("val", "test")
+
+
+def storage_arrays(splits: dict[str, np.ndarray], color: str, factor: int = 4) -> dict[str, np.ndarray]:
+    """Every array the ``prepare`` stage stores, by file stem: :func:`to_storage` of each split, and for
+    ``color = ycbcr`` the untouched RGB of the :data:`RGB_REFERENCE_SPLITS` as ``<split>_rgb``.
+
+    Args:
+        splits: split name -> uint8 (N, H, W, 3) RGB (the cropped and resized images).
+        color: ``rgb``, ``grey`` or ``ycbcr``.
+        factor: chroma downsampling factor f.
+
+    Returns:
+        file stem (``train``, ``val_chroma``, ``test_rgb``, ...) -> uint8 (N, H', W', C') array.
+
+    Raises:
+        ValueError: from :func:`to_storage`.
+    """
+    stored: dict[str, np.ndarray] = {}
+    for split, rgb in splits.items():
+        for suffix, array in to_storage(rgb, color, factor).items():
+            stored[f"{split}{suffix}"] = array
+        if color == "ycbcr" and split in RGB_REFERENCE_SPLITS:
+            stored[f"{split}_rgb"] = rgb
+    return stored
+
+
 def to_display_rgb(x: Tensor, color: str) -> Tensor:
     """Library images (B, C, H, W) in [0, 1] of ``color`` as RGB (B, 3, H, W) in [0, 1] for figures and for
     RGB metrics: YCbCr is converted (chroma already at full resolution), grey is repeated."""

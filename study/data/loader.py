@@ -16,6 +16,7 @@ from torch import Tensor
 
 import torch.nn.functional as F
 
+from study.data.color import ycbcr_to_rgb
 from study.data.store import load_split, read_manifest
 
 
@@ -50,6 +51,16 @@ class DeviceSplit:
             images = torch.cat([images, chroma.to(torch.uint8)], dim=1)  # (N, 3, H, W)
         self.images = images
         self.device = device
+        #: uint8 (N, 3, H, W): the split's RGB before the conversion to YCbCr (``<split>_rgb.npy``), the
+        #: reference of pixel metrics for YCbCr models; None for RGB and grey data, for the train split, and for
+        #: data prepared before it was stored (pixel metrics then fall back to RGB rebuilt from the stored YCbCr).
+        self.rgb_reference: Tensor | None = None
+        reference = (manifest.get("rgb_reference") or {}).get(split)
+        if self.color == "ycbcr" and reference is not None:
+            rgb = load_split(data_dir, reference, verify=verify)  # uint8 (N, H, W, 3)
+            if rgb.shape[0] != images.shape[0] or rgb.shape[1:3] != tuple(images.shape[2:]):
+                raise ValueError(f"{data_dir}: {reference} has shape {rgb.shape}, {split} {tuple(images.shape)}")
+            self.rgb_reference = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous().to(device)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -62,6 +73,17 @@ class DeviceSplit:
     def take(self, index: Tensor) -> Tensor:
         """Images at ``index`` (long, on device) as float (B, C, H, W) in [0, 1]."""
         return self.images[index].float().div_(255.0)
+
+    def take_pixel_reference(self, index: Tensor) -> Tensor:
+        """The images pixel metrics compare with, at ``index``: float (B, C', H, W) in [0, 1].
+
+        RGB data: the images; grey: the luma (C' = 1); YCbCr: the original full-resolution RGB when the
+        prepared data holds it (:attr:`rgb_reference`), else RGB rebuilt from the stored Y and 16 x 16 chroma.
+        """
+        if self.rgb_reference is not None:
+            return self.rgb_reference[index].float().div_(255.0)
+        x = self.take(index)
+        return ycbcr_to_rgb(x) if self.color == "ycbcr" else x
 
     def batches(
         self,
