@@ -35,7 +35,16 @@ def test_samples_stay_in_their_distributions():
         assert isinstance(p["model.latent_dim"], int) and 8 <= p["model.latent_dim"] <= 64
         assert p["likelihood.gaussian.sigma_mode"] in ("fixed", "per_pixel")
         study.tell(trial, 0.0)
-    assert isinstance(study.distributions if hasattr(study, "distributions") else {}, dict)
+    # Each config distribution maps to the Optuna distribution of the same law, which every told trial records.
+    expected = {
+        "train.beta": optuna.distributions.FloatDistribution(0.1, 10, log=True),
+        "train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-3, log=False),
+        "model.latent_dim": optuna.distributions.IntDistribution(8, 64),
+        "likelihood.gaussian.sigma_mode": optuna.distributions.CategoricalDistribution(["fixed", "per_pixel"]),
+    }
+    assert len(study.trials) == 30
+    for frozen in study.trials:
+        assert frozen.distributions == expected
 
 
 def test_when_clause_reads_sampled_then_base_values():
