@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,15 +18,14 @@ from study.data.color import (
     ycbcr_to_rgb,
     ycbcr_to_rgb_uint8,
 )
+from tests.conftest import SAMPLE
 
-REAL_IMAGE = Path("/work/shared/data/celeba-sample/img_align_celeba/000001.jpg")
+REAL_IMAGE = SAMPLE / "img_align_celeba" / "000001.jpg"
 
 
 @pytest.fixture(scope="module")
 def real_rgb() -> np.ndarray:
     """uint8 (218, 178, 3) aligned CelebA image."""
-    if not REAL_IMAGE.exists():
-        pytest.skip(f"sample image {REAL_IMAGE} not present")
     with Image.open(REAL_IMAGE) as im:
         return np.array(im.convert("RGB"))
 

@@ -7,7 +7,6 @@ convolution by ``np.roll``, ``np.linalg.lstsq`` on an explicit design matrix, an
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,9 @@ from study.likelihoods.blur_kernel import (
     least_squares_kernel,
     project_kernel,
 )
+from tests.conftest import SAMPLE
 
-CELEBA = Path("/work/shared/data/celeba-sample/img_align_celeba/000001.jpg")
+CELEBA = SAMPLE / "img_align_celeba" / "000001.jpg"
 DT = torch.float64
 
 

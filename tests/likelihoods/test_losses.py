@@ -19,8 +19,9 @@ from study.likelihoods.losses import (
     SSIMLoss,
     focal_frequency_loss,
 )
+from tests.conftest import SAMPLE as REPO_SAMPLE
 
-SAMPLE = Path("/work/shared/data/celeba-sample/img_align_celeba")
+SAMPLE = REPO_SAMPLE / "img_align_celeba"
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,6 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def real_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two real 64x64 faces (float64 HWC in [0, 1]) and a blurred copy of the first (a VAE-like reconstruction)."""
-    if not (SAMPLE / "000002.jpg").exists():
-        pytest.skip("CelebA sample images not present")
     faces = []
     for name in ("000001.jpg", "000002.jpg"):
         with Image.open(SAMPLE / name) as im:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,16 +13,15 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from study.metrics import pixel
+from tests.conftest import SAMPLE
 
-CELEBA = Path("/work/shared/data/celeba-sample/img_align_celeba")
+CELEBA = SAMPLE / "img_align_celeba"
 
 
 @pytest.fixture(scope="module")
 def real_images() -> np.ndarray:
     """Eight real CelebA images, float64 (8, 64, 64, 3) in [0, 1]."""
     paths = [CELEBA / f"{i:06d}.jpg" for i in range(1, 9)]
-    if not all(p.is_file() for p in paths):
-        pytest.skip(f"CelebA sample not found under {CELEBA}")
     imgs = [np.asarray(Image.open(p).convert("RGB").resize((64, 64), Image.BILINEAR)) for p in paths]
     return np.stack(imgs).astype(np.float64) / 255.0
 
