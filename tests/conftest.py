@@ -9,8 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "celeba"
-SHARED_DATA = REPO.parent / "shared" / "data"
-FULL_PARTITION = SHARED_DATA / "celeba-sample" / "list_eval_partition_full.txt"
+# CelebA's official list_eval_partition.txt (202,599 lines), gzipped; data/reference/README.md gives its source.
+FULL_PARTITION = REPO / "data" / "reference" / "celeba_list_eval_partition.txt.gz"
 
 
 @pytest.fixture(scope="session")
