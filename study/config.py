@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------------- prepare
 class CelebADatasetConfig(_Strict):
-    """CelebA's aligned-and-cropped release, prepared with Larsen et al. 2016's crop (SPEC §3.3)."""
+    """CelebA's aligned-and-cropped release, prepared with Larsen et al. 2016's crop (``study.data.celeba``)."""
 
     kind: Literal["celeba"] = "celeba"
     # Folder holding ``img_align_celeba/`` and ``list_eval_partition.txt``.
@@ -89,7 +89,7 @@ class PrepareConfig(_Strict):
 
 # ----------------------------------------------------------------------------------------------- trial
 class AVAEConfig(_Strict):
-    """Adversarial VAE (Plumerault et al. 2020; official code's settings, SPEC §2)."""
+    """Adversarial VAE (Plumerault et al. 2020; settings of the official code, ``AntoinePlumerault/AVAE``)."""
 
     # Weight of the latent reconstruction loss L_Z in the generator's objective (1 in the official code).
     latent_weight: float = Field(default=1.0, ge=0.0)
@@ -161,7 +161,7 @@ class StructuredLikelihoodConfig(_Strict):
 
 
 class BlurLikelihoodConfig(_Strict):
-    """Blur-error (Wiener-weighted) likelihood after Bredell et al. 2023 (a reconstruction; SPEC §1.3)."""
+    """Blur-error (Wiener-weighted) likelihood after Bredell et al. 2023 (a reconstruction, not a reproduction)."""
 
     kernel_size: int = Field(default=5, ge=1)
     wiener_c: float = Field(default=0.025, gt=0.0)

@@ -5,19 +5,19 @@ the same code, the same images and the same random draws (fixed seeds per metric
 because the models differ. :func:`evaluate_checkpoint` does the same for a checkpoint written by
 :func:`study.train.run_trial` on a prepared split.
 
-What is measured (SPEC, "Facts from the papers' own text", and SPEC 5.1):
+What is measured (the metrics of Dorta et al. 2018, Plumerault et al. 2020 and Asperti 2020, on one evaluator):
 
 - **Reconstructions.** With ``num_recon_passes = 1`` (default) the reconstruction is E[x | z = mu(x)], the
   decoder mean at the posterior mean: deterministic, and what ``study.train`` logs as ``val_mse_255``. With
   ``num_recon_passes = P > 1`` every pass draws z ~ q(z | x) instead (Dorta's VAE-GAN scripts average 25
-  stochastic passes, SPEC 3.2): per-image metrics (MSE, PSNR, SSIM, LPIPS, sharpness) are averaged over the P
+  stochastic passes): per-image metrics (MSE, PSNR, SSIM, LPIPS, sharpness) are averaged over the P
   passes, the variance loss is averaged over the P reconstruction sets, and the reconstruction FID uses the first
   pass only (one Inception pass over N images per set is the expensive part).
 - **Pixel metrics** on [0, 1] images (``study.metrics.pixel``): MSE on the [0, 1], [0, 255] (Dorta Table 2) and
   [-1, 1] (AVAE) scales, PSNR (dB), SSIM; each per image, then mean and std over images.
 - **Sharpness**: mean Laplacian variance (and mean Sobel gradient magnitude) of the reconstructions divided by
   that of the inputs; < 1 means blurrier. The same ratios for prior samples.
-- **Variance loss** (Asperti 2020, SPEC 4.1): pixel variance of the N test images minus that of their N
+- **Variance loss** (Asperti 2020): pixel variance of the N test images minus that of their N
   reconstructions, and minus that of N prior samples (equal-size sets); and its ratio to the mean MSE on [0, 1].
 - **Likelihood** (Dorta Table 1), only when ``model.likelihood.elbo_valid``: the IWAE NLL bound with K =
   ``num_importance_samples`` (Burda et al. 2016; Dorta uses K = 500), in nats per image and bits per dimension

@@ -22,7 +22,7 @@ Color = Literal["rgb", "ycbcr", "grey"]
 _CHANNELS: dict[str, int] = {"rgb": 3, "ycbcr": 3, "grey": 1}
 
 # Generic protocol: the first of these methods a model has makes its reconstructions (``reconstruct_generator`` is
-# the AVAE's G([mu + sigma eps, xi]), the image AVAE's metrics use, SPEC 2.2).
+# the AVAE's G([mu + sigma eps, xi]), the image the official AVAE code's metrics use).
 _RECONSTRUCT_METHODS = ("reconstruct", "reconstruct_generator")
 _SAMPLE_METHODS = ("sample_images", "sample")
 

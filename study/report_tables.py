@@ -6,7 +6,7 @@ that :func:`study.evaluate.evaluate_model` produces (``<prefix>_mse_255``, ``<pr
 metric that is missing or NaN is shown as ``unavailable`` (e.g. FID without the Inception weights). Rows keep the
 order (family, setting, run_id); pick the runs to show (e.g. the best run per setting) before calling.
 
-Tables (the papers' layouts, SPEC "Facts from the papers' own text"):
+Tables (the papers' layouts):
 
 - ``dorta_table1``: Dorta et al. 2018, Table 1: NLL (IWAE bound, nats per image, mean +- std over test images;
   lower is better) and bits per dimension, avg KL, mutual information, marginal KL, max MI = log N. Only rows with

@@ -6,7 +6,7 @@ uint8 (:class:`study.data.loader.DeviceSplit`), horizontal flips, per-epoch sums
 per epoch, a checkpoint directory rewritten atomically after every epoch and handed to ``report``, and an exact
 (bit-for-bit on one device) resume from such a directory.
 
-Training follows the official AVAE code (Plumerault et al. 2020; SPEC §2.2-2.3): one forward pass per batch,
+Training follows the official AVAE code (Plumerault et al. 2020): one forward pass per batch,
 four losses, four Adam optimisers, each network updated only by its own loss (:func:`study.models.avae.train_step`).
 Encoder and decoder use ``train.lr``; generator and discriminator ``model.avae.generator_lr`` /
 ``discriminator_lr``; all betas (``model.avae.adam_beta1``, 0.999). ``train.beta`` (a number or a schedule over

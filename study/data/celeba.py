@@ -1,4 +1,4 @@
-"""CelebA (aligned and cropped release) -> square images, as Larsen et al. 2016 prepare it (SPEC §3.3).
+"""CelebA (aligned and cropped release) -> square images, as Larsen et al. 2016 prepare it.
 
 Each ``img_align_celeba/*.jpg`` is 178 wide x 218 high. Larsen's VAE-GAN code (``andersbll/autoencoding_beyond
 _pixels``, ``dataset/celeba.py``), which Dorta et al. 2018 evaluate against, does:

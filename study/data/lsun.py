@@ -1,4 +1,4 @@
-"""LSUN church_outdoor (the official LMDB release) -> square images, with a seeded train / val split (SPEC §3.4).
+"""LSUN church_outdoor (the official LMDB release) -> square images, with a seeded train / val split.
 
 Source format (``fyu/lsun``, ``download.py`` and ``data.py``; read the same way by
 ``torchvision.datasets.LSUN``): one LMDB per category and split, e.g. ``church_outdoor_train_lmdb/`` (126,227
@@ -10,7 +10,7 @@ images) and ``church_outdoor_val_lmdb/`` (300 images), each a folder holding ``d
 
 LMDB keeps keys in bytewise order, so "LMDB order" below is ``sorted(keys)``.
 
-Preparation, per image (Dorta et al. 2018's LSUN crop and resize were not found, SPEC §3.4; this is the usual
+Preparation, per image (Dorta et al. 2018 do not state their LSUN crop and resize; this is the usual
 centre crop of DCGAN-style LSUN pipelines, with the filter pinned down):
 
 1. decode the JPEG with Pillow (fully, so a truncated file fails) and convert to RGB; EXIF orientation is

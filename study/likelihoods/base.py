@@ -3,7 +3,7 @@
 A likelihood turns the decoder's raw output ``params`` (B, P, H, W) into a distribution over images x
 (B, C, H, W) in [0, 1]. ``log_prob`` is in **nats per image, summed over pixels and channels, with every
 normalising constant and log-determinant included**, so ELBOs of different likelihoods over the same pixel
-space compare directly (DESIGN.md, "The likelihood interface").
+space compare directly (as Dorta et al. 2018, Table 1, compare likelihood families by their NLL).
 
 Families that are *not* normalised densities (perceptual or frequency losses used as reconstruction terms)
 set ``elbo_valid = False``; their ``log_prob`` is minus a loss, and reports never rank them by NLL.

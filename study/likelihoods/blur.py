@@ -2,8 +2,8 @@
 
 Source: G. Bredell, K. Flouris, K. Chaitanya, E. Erdil, E. Konukoglu, "Explicitly Minimizing the Blur Error
 of Variational Autoencoders", ICLR 2023 (arXiv 2304.05939). The paper's equations could not be read; this
-module is a **reconstruction from SPEC.md section 1.3** (itself inferred from the abstract, third-party
-summaries and the same author's Wiener-deconvolution code), not a checked reproduction.
+module is a **reconstruction after Bredell et al. 2023**, inferred from the paper's abstract, third-party
+summaries and the same author's Wiener-deconvolution code (``gbredell/W_DIP``), not a checked reproduction.
 
 Model. Per image, a blur kernel k (non-negative, sum 1) relates the reconstruction to the input,
 x_hat ~= k (*) x (circular convolution, ``study.likelihoods.blur_kernel``). With K = psf2otf(k, (H, W)) and
@@ -24,14 +24,14 @@ while unblurred ones (|K| = 1) get (1 + C)^-2 + eps: the error a blurry decoder 
 
 Every choice made in the reconstruction (check them against the paper before claiming reproduction):
 
-1. lambda = |K|^2 / (|K|^2 + C)^2 + eps exactly as SPEC 1.3; C = 0.025 is the W_DIP default (SPEC 1.2),
-   eps = 1e-3 a floor that keeps Sigma_k positive definite where K -> 0. No extra global noise scale: with
+1. lambda = |K|^2 / (|K|^2 + C)^2 + eps (the Wiener filter's power); C = 0.025 is W_DIP's ``wienerF_otf``
+   default, eps = 1e-3 a floor that keeps Sigma_k positive definite where K -> 0. No extra global noise scale: with
    k = delta the model is an isotropic Gaussian with sigma^2 = 1 / ((1 + C)^-2 + eps) (~1.05 for the
-   defaults), i.e. a scaled L2 loss (SPEC 1.3's "open question" left unresolved).
-2. One kernel per image, shared by all channels (SPEC 1.3's assumption); channels are independent given z.
+   defaults), i.e. a scaled L2 loss (whether the paper adds a noise scale is not known; see 10).
+2. One kernel per image, shared by all channels (this reconstruction's assumption); channels independent given z.
 3. Boundaries are periodic (circular convolution, circulant covariance), so the FFT diagonalises Sigma_k.
-4. The kernel is always a stop-gradient constant in ``log_prob`` (SPEC 1.3's alternation: the VAE step uses
-   sg(k)). lambda depends on k only, so the log-determinant carries no gradient to the VAE.
+4. The kernel is always a stop-gradient constant in ``log_prob`` (the alternation described for Bredell et al.
+   2023: the VAE step uses sg(k)). lambda depends on k only, so the log-determinant carries no gradient to the VAE.
 5. Kernel estimators (``estimator``):
    - ``"wiener_ls"`` (default): closed form, per image, from sg(mu) and x: the exact least-squares kernel on
      the kernel_size x kernel_size support (normal equations built in the Fourier domain, solved in float64
@@ -41,19 +41,19 @@ Every choice made in the reconstruction (check them against the paper before cla
      density over x given z; it is the default because it has no extra network and no extra training step.
    - ``"network"``: k = k_gamma(z) from ``KernelNetwork`` (the paper's G_gamma(z)); a proper p(x | z).
      Trained by the kernel step below; ``log_prob`` then needs the kernel passed in.
-6. The alternation (SPEC 1.3), every iteration:
+6. The alternation (as described for Bredell et al. 2023), every iteration:
    (1) VAE step: minimise -ELBO with ``log_prob(x, params, kernel=sg(k))``, k from ``estimate_kernel``;
    (2) kernel step (network only): minimise ``kernel_loss(x, sg(x_hat), sg(z))`` = per-image
        ||sg(x_hat) - k_gamma(sg(z)) (*) x||^2 (mean over the batch) w.r.t. the kernel network only.
 7. ``sample`` without a kernel uses the delta kernel (there is no x to estimate one from).
 8. Kernel network: an MLP z -> 2 x SiLU(hidden_dim) -> softmax over kernel_size^2 logits, initialised to a
    sigma = 1 px Gaussian (``KernelNetwork``); the paper's architecture is unknown.
-10. An optional global noise scale s (``noise_mode``, ``noise_sigma``; not in SPEC 1.3, added by the study):
+10. An optional global noise scale s (``noise_mode``, ``noise_sigma``; added by the study):
    the precision becomes lambda / s^2, adding -C D log s to log p. With s = 1 (``fixed``, the default here)
-   the model is exactly SPEC 1.3; a learned s makes the learned-sigma Gaussian the nested k = delta case, so
+   the model is exactly the one above; a learned s makes the learned-sigma Gaussian the nested k = delta case, so
    the weighting, not a different noise level, is what the comparison measures. ``params.yaml`` learns it.
 9. Mean = sigmoid(decoder output), as in ``gaussian.py``; kernel_size = 5 by default (W_DIP's 21 px kernels
-   were for 256-px deblurring, SPEC 1.2). Non-negativity of the least-squares kernel by clamping, not |k|.
+   were for 256-px deblurring). Non-negativity of the least-squares kernel by clamping, not |k|.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ class BlurErrorLikelihood(Likelihood):
 
     Args:
         kernel_size: side of the estimated kernel in pixels, odd and >= 1 (5: a VAE's blur at 64 px spans a
-            few pixels; Bredell's 21 px kernels were for 256-px deblurring, SPEC 1.2).
-        wiener_c: Wiener constant C (> 0); 0.025 is the W_DIP default (SPEC 1.2).
+            few pixels; Bredell's 21 px kernels in W_DIP were for 256-px deblurring).
+        wiener_c: Wiener constant C (> 0); 0.025 is the default of W_DIP's ``wienerF_otf``.
         eps: precision floor (> 0), in the same units as lambda.
         estimator: ``"wiener_ls"`` (closed-form least squares per image) or ``"network"`` (``KernelNetwork``
             of z, trained by ``kernel_loss``).

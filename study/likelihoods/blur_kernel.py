@@ -8,7 +8,7 @@ image x (H, W) by **circular convolution** (true convolution, not cross-correlat
 
 which in the Fourier domain is ``fft2(k (*) x) = K * fft2(x)`` with ``K = psf2otf(k, (H, W))``: zero-pad the
 kernel to the image size, circularly shift its centre to (0, 0), then ``fft2``. This is the convention of
-Bredell's Wiener-deconvolution code (``gbredell/W_DIP:utils/deconv_utils.py::convert_psf2otf``, SPEC 1.2)
+Bredell's Wiener-deconvolution code (``gbredell/W_DIP:utils/deconv_utils.py::convert_psf2otf``)
 and of MATLAB's ``psf2otf``.
 
 Two estimators of the kernel relating a reconstruction x_hat to its input x (x_hat ~= k (*) x), used by
@@ -18,7 +18,7 @@ Two estimators of the kernel relating a reconstruction x_hat to its input x (x_h
   the kernel support, per image, from the normal equations assembled in the Fourier domain, then clamped
   non-negative and normalised to sum 1.
 - ``KernelNetwork`` (estimator ``"network"``): k_gamma(z), an MLP from the latent code to a softmax kernel,
-  trained in the alternating "kernel step" of SPEC 1.3 (G_gamma(z) in Bredell et al. 2023).
+  trained in the alternating "kernel step" (G_gamma(z) in Bredell et al. 2023; see ``study.likelihoods.blur``).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class KernelNetwork(nn.Module):
 
     An MLP ``latent_dim -> hidden_dim -> SiLU -> hidden_dim -> SiLU -> kernel_size^2`` followed by a softmax
     over the ``kernel_size^2`` entries, so every kernel is positive and sums to 1 by construction. An MLP (not
-    the transposed-convolution net of one re-implementation, SPEC 1.3) because a 5 x 5 kernel is 25 numbers.
+    the transposed-convolution net of one public re-implementation) because a 5 x 5 kernel is 25 numbers.
     The output layer starts with tiny weights (std 1e-3) and a bias equal to the log of a centred Gaussian of
     ``init_sigma`` pixels, so the initial kernel is that Gaussian for every z (a VAE's first reconstructions
     are blurry); ``init_sigma = 0`` starts near the delta (centre logit 0, others -8).

@@ -1,7 +1,6 @@
 """Likelihood metrics of a VAE: importance-weighted NLL, ELBO terms, and ELBO surgery.
 
-These follow Dorta et al. 2018 ("Training VAEs Under Structured Residuals"), who report on the test set
-(SPEC, "Facts from the papers' own text"):
+These follow Dorta et al. 2018 ("Training VAEs Under Structured Residuals"), who report on the test set (Table 1):
 
 - the NLL bound with K = 500 importance samples per image (Burda, Grosse & Salakhutdinov 2016, IWAE, Eq. 8):
   log p(x) >= E[ log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x) ],  z_k ~ q(z | x);

@@ -7,8 +7,8 @@ given by the caller (a file, or a folder holding the file under its standard nam
 naming the file and the place to put it, never a number from a randomly initialised network.
 
 LPIPS (Zhang et al. 2018) uses the ``lpips`` package: AlexNet trunk, the v0.1 linear heads that ship inside
-the ``lpips`` wheel, inputs mapped from [0, 1] to [-1, 1] (AVAE's setting, SPEC 2.4). The trunk is torchvision's
-ImageNet AlexNet, ``alexnet-owt-7be5be79.pth``.
+the ``lpips`` wheel, inputs mapped from [0, 1] to [-1, 1] (the official AVAE code's setting). The trunk is
+torchvision's ImageNet AlexNet, ``alexnet-owt-7be5be79.pth``.
 
 FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to features of the real and the
 generated set. The study has ONE implementation, named in every result (:data:`FID_IMPLEMENTATION`):
@@ -16,7 +16,7 @@ generated set. The study has ONE implementation, named in every result (:data:`F
 torchvision's Inception-v3 loaded from ``inception_v3_google-0cc3c7bd.pth``, inputs resized bilinearly to
 299 x 299. That network is Google's Inception-v3 ported to PyTorch, NOT the TF graph
 ``pt_inception-2015-12-05`` used by TTUR / pytorch-fid / torch-fidelity; its features differ, so values are
-comparable within this study only, not with published FIDs (SPEC 2.4 and 5.1: the four papers already use
+comparable within this study only, not with published FIDs (the four papers' codes already use
 three different Inceptions). ``torch-fidelity`` (which torchmetrics' FID needs for the TF weights) is not a
 dependency.
 """

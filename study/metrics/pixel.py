@@ -1,18 +1,18 @@
 """Pixel-space metrics: MSE in three scales, PSNR, SSIM, sharpness, and Asperti's variance loss.
 
-All functions take images as float tensors (B, C, H, W) in [0, 1] (DESIGN.md, "Conventions") and return
+All functions take images as float tensors (B, C, H, W) in [0, 1] (the study's image convention) and return
 one value per image unless the docstring says the metric is a property of a *set* of images.
 
 Scales. Papers report MSE on different pixel scales, and the factor between them is fixed:
 [0, 1] -> [0, 255] multiplies MSE by 255^2 (Dorta et al. 2018, Table 2) and [0, 1] -> [-1, 1] multiplies it
-by 2^2 = 4 (the AVAE code, SPEC 2.4; Larsen/Dorta scripts, SPEC 3.2).
+by 2^2 = 4 (the AVAE code; Larsen's VAE-GAN scripts in Dorta's fork report all three).
 
 Sharpness. Two no-reference measures of high-frequency content on the grey image: the variance of the
 Laplacian (Pech-Pacheco et al. 2000, "Diatom autofocusing in brightfield microscopy") and the mean Sobel
 gradient magnitude (Tenengrad-style). Both are reported as a ratio reconstructions / inputs, so the units and
 the pixel scale cancel; a blurry decoder gives a ratio below 1.
 
-Variance loss (Asperti 2020, "Variance Loss in Variational Autoencoders"; SPEC 4.1): the mean over pixels of
+Variance loss (Asperti 2020, "Variance Loss in Variational Autoencoders"): the mean over pixels of
 the per-pixel variance across a set of real images, minus the same for reconstructions or samples.
 """
 
@@ -74,7 +74,7 @@ def mse_255(x: Tensor, y: Tensor) -> Tensor:
 
 
 def mse_pm1(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image MSE on the [-1, 1] scale (AVAE's reported MSE, SPEC 2.4): ``mse(x, y) * 4``.
+    """Per-image MSE on the [-1, 1] scale (AVAE's reported MSE, Plumerault et al. 2020): ``mse(x, y) * 4``.
 
     Args / raises as :func:`mse`; inputs are still in [0, 1]. Returns float (B,) in [-1, 1]^2 units.
     """
@@ -250,7 +250,7 @@ _VARIANCE_CHUNK_ELEMENTS = 1 << 24
 
 
 def pixel_variance(x: Tensor | np.ndarray) -> float:
-    """Mean over pixels of the variance across a set: ``np.mean(np.var(X, axis=0))`` (SPEC 4.1).
+    """Mean over pixels of the variance across a set: ``np.mean(np.var(X, axis=0))`` (Asperti 2020).
 
     The variance is the population one (ddof = 0, NumPy's default), accumulated in float64 in chunks of
     pixels so large sets neither lose precision nor double their memory at once.
@@ -286,7 +286,7 @@ def pixel_variance(x: Tensor | np.ndarray) -> float:
 
 
 def variance_loss(real: Tensor | np.ndarray, generated: Tensor | np.ndarray) -> float:
-    """Asperti's variance loss: ``pixel_variance(real) - pixel_variance(generated)`` (SPEC 4.1).
+    """Asperti's variance loss: ``pixel_variance(real) - pixel_variance(generated)`` (Asperti 2020).
 
     Positive when the generated set (reconstructions or samples) has less per-pixel spread than the real
     set, the signature of a decoder that outputs E[x | z] (law of total variance). Asperti observes that
@@ -314,7 +314,7 @@ def variance_loss(real: Tensor | np.ndarray, generated: Tensor | np.ndarray) -> 
 def variance_loss_mse_ratio(real: Tensor, recon: Tensor) -> float:
     """Variance loss of reconstructions divided by their mean MSE on [0, 1] (Asperti: close to 1).
 
-    Asperti's BalancingVAE code (SPEC 4.2) renormalises when this ratio exceeds 0.25.
+    Asperti's BalancingVAE code (``computed_gamma.py``) renormalises when this ratio exceeds 0.25.
 
     Args:
         real: N real images, float (N, C, H, W) in [0, 1].

@@ -1,7 +1,7 @@
 """Adversarial VAE (AVAE; Plumerault, Le Borgne, Hudelot, ICPR 2020, arXiv 2012.11551).
 
 Four networks, each trained only by its own loss (official code ``AntoinePlumerault/AVAE``,
-``src/frameworks/avae.py`` and ``src/frameworks/utils/losses.py``; SPEC §2.2):
+``src/frameworks/avae.py`` and ``src/frameworks/utils/losses.py``):
 
 - encoder E: x -> (mu(x), log sigma). In the official code sigma is **one learned global vector** (a
   ``LogSigma`` layer initialised to 0), not a function of x; ``input_dependent_sigma=True`` makes it one.

@@ -1,6 +1,6 @@
 """Build LMDBs in exactly the official LSUN format from real photographs, for the LSUN reader's tests.
 
-Format (SPEC §3.4, ``fyu/lsun``): a folder with ``data.mdb`` and ``lock.mdb``; key = 40-hex image id as ASCII
+Format (the LSUN release, ``fyu/lsun``): a folder with ``data.mdb`` and ``lock.mdb``; key = 40-hex image id as ASCII
 bytes; value = JPEG bytes, short side 256, quality 75. Here the id is the sha1 of the photograph's source name.
 
 Photographs: the 32 real CelebA images embedded in the repository (portrait, 178 x 218, so H > W) and the real

@@ -111,7 +111,7 @@ def test_lmdb_is_in_the_official_format(lmdbs, records):
 
 
 def test_torchvision_lsun_reads_the_test_lmdb(lmdbs, tmp_path, monkeypatch):
-    """torchvision's LSUN reader (the route SPEC §3.4 names) sees the same records, in the same order."""
+    """torchvision's LSUN reader (the route ``fyu/lsun`` names) sees the same records, in the same order."""
     from torchvision.datasets.lsun import LSUNClass
 
     monkeypatch.chdir(tmp_path)  # LSUNClass writes a key cache into the working directory
