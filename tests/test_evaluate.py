@@ -108,6 +108,87 @@ def test_every_metric_matches_a_direct_computation(images):
     assert {"psnr", "ssim", "laplacian_variance_recon", "elbo", "kl"} <= set(frame.columns)
 
 
+@torch.no_grad()
+def test_ssim_matches_scikit_image(images):
+    """Per-image SSIM against scikit-image with the settings ``study.metrics.pixel.ssim`` documents (Wang et al.
+    2004: Gaussian window sigma = 1.5, population covariances, data_range = 1, mean over channels)."""
+    from skimage.metrics import structural_similarity
+
+    model = tiny_vae()
+    result = evaluate_model(model, images, num_importance_samples=2, batch_size=8)
+    recon = model.likelihood.mean(model.decode(model.encode(images)[0])).clamp(0, 1)
+    x = images.permute(0, 2, 3, 1).double().numpy()  # (8, 32, 32, 3)
+    r = recon.permute(0, 2, 3, 1).double().numpy()
+    expected = np.array([
+        structural_similarity(r[i], x[i], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, channel_axis=-1)
+        for i in range(len(x))
+    ])
+    np.testing.assert_allclose(result.per_image["ssim"], expected, rtol=0, atol=1e-4)  # float32 maps
+    assert result.metrics["test_ssim"] == pytest.approx(expected.mean(), abs=1e-4)
+
+
+@torch.no_grad()
+def test_iwae_bound_matches_torch_distributions(images):
+    """The IWAE NLL (Burda et al. 2016, Eq. 8) recomputed with torch.distributions and logsumexp in float64.
+
+    The evaluator draws all K x B standard normals of one chunk with ``randn((K, B, d))`` from its ``iwae``
+    generator (one chunk here: K * B = 128 <= iwae_batch_size); the same draws are replayed so the two
+    estimates agree to round-off, not just in expectation.
+    """
+    from torch.distributions import Normal
+
+    model = tiny_vae()
+    result = evaluate_model(model, images, num_importance_samples=K, batch_size=8, seed=0)
+    mu, logvar = (t.double() for t in model.encode(images))  # (8, d)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    eps = torch.randn((K, *mu.shape), generator=gen("iwae"), dtype=torch.float32).double()  # (K, 8, d)
+    z = mu + q.scale * eps  # (K, 8, d), z_k ~ q(z | x)
+    params = model.decode(z.float().reshape(K * 8, -1))  # (K*8, C, H, W)
+    decoded = Normal(model.likelihood.mean(params).double(), model.likelihood.sigma(params).double())
+    x_rep = images.double().repeat(K, 1, 1, 1)  # row k*8 + b is image b, as z.reshape orders them
+    log_px = decoded.log_prob(x_rep).sum((1, 2, 3)).view(K, 8)  # log p(x | z_k)
+    log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)  # log p(z_k)
+    log_qz = q.log_prob(z).sum(-1)  # log q(z_k | x)
+    log_w = log_px + log_pz - log_qz  # (K, 8)
+    expected = -(torch.logsumexp(log_w, dim=0) - math.log(K))  # (8,)
+
+    nll = torch.tensor(result.per_image["nll"].to_numpy(), dtype=torch.float64)
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-3)
+    assert result.metrics["test_nll"] == pytest.approx(expected.mean().item(), rel=1e-5, abs=1e-3)
+    # Jensen on the same draws: the K-sample bound is never above the K-sample negative ELBO.
+    assert torch.all(nll <= -log_w.mean(0) + 1e-6)
+
+
+@torch.no_grad()
+def test_elbo_surgery_matches_brute_force_aggregate_posterior(images):
+    """avg KL = I_q(n; z) + KL(q(z) || p(z)) (Hoffman & Johnson 2016, Eq. 3-4), with q(z) the mixture of the N
+    posteriors, summed term by term in float64 over every (n, m) pair; the draws replay the evaluator's
+    ``surgery`` generator (one z per image, ``randn((1, N, d))`` in float64)."""
+    from torch.distributions import Normal, kl_divergence
+
+    model = tiny_vae()
+    result = evaluate_model(model, images, num_importance_samples=2, batch_size=8, seed=0)
+    m = result.metrics
+    mu, logvar = (t.double() for t in model.encode(images))  # (N, d)
+    n_images = mu.shape[0]
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn((1, *mu.shape), generator=gen("surgery"), dtype=torch.float64)[0]  # (N, d)
+    z = mu + std * eps  # z_n ~ q(z | x_n)
+
+    avg_kl = sum(kl_divergence(Normal(mu[n], std[n]), Normal(0.0, 1.0)).sum().item() for n in range(n_images))
+    avg_kl /= n_images
+    mi = 0.0
+    for n in range(n_images):
+        log_components = [Normal(mu[j], std[j]).log_prob(z[n]).sum().item() for j in range(n_images)]
+        log_aggregate = math.log(sum(math.exp(c) for c in log_components) / n_images)  # log q(z_n)
+        mi += (log_components[n] - log_aggregate) / n_images
+    assert m["test_avg_kl"] == pytest.approx(avg_kl, rel=1e-9)
+    assert m["test_mutual_information"] == pytest.approx(mi, rel=1e-9, abs=1e-12)
+    assert m["test_marginal_kl"] == pytest.approx(avg_kl - mi, rel=1e-9, abs=1e-12)
+    assert m["test_mutual_information"] <= math.log(n_images) + 1e-12
+
+
 def test_perceptual_metrics_unavailable_without_weights(images):
     result = evaluate_model(tiny_vae(), images, num_importance_samples=2, batch_size=8)
     for name, weights in (("test_lpips", pc.ALEXNET_WEIGHTS_FILE), ("test_fid_recon", pc.INCEPTION_WEIGHTS_FILE),
