@@ -74,7 +74,7 @@ def test_every_metric_matches_a_direct_computation(images):
     assert m["test_sharpness_ratio"] == pytest.approx(px.sharpness_ratio(recon, images), rel=1e-5)
     assert m["test_gradient_ratio"] == pytest.approx(px.sharpness_ratio(recon, images, "gradient_magnitude"), rel=1e-5)
 
-    # Asperti's variance loss, straight from the NumPy formula of SPEC 4.1, on equal-size sets of N = 8.
+    # Asperti's variance loss, straight from Asperti 2020's NumPy formula, on equal-size sets of N = 8.
     vl_recon = np.mean(np.var(x, axis=0)) - np.mean(np.var(r, axis=0))
     assert m["test_variance_loss_recon"] == pytest.approx(vl_recon, rel=1e-6)
     assert m["test_variance_loss_mse_ratio"] == pytest.approx(vl_recon / per_mse.mean(), rel=1e-5)
@@ -355,7 +355,7 @@ def test_adversarial_model_uses_its_generator_reconstructions(images):
     torch.manual_seed(0)
     model = avae.AVAE(image_channels=3, resolution=32, latent_dim=8, width=8).eval()
     result = evaluate_model(model, images, batch_size=8, seed=3)
-    # G([mu + sigma eps, xi]) and G([z, xi]) with the evaluator's seeded generators (SPEC 2.2).
+    # G([mu + sigma eps, xi]) and G([z, xi]) with the evaluator's seeded generators (as in the official AVAE code).
     recon = model.reconstruct_generator(images, generator=gen("reconstruction", seed=3)).clamp(0, 1)
     samples = model.sample(8, generator=gen("samples", seed=3)).clamp(0, 1)
     assert result.metrics["test_mse_255"] == pytest.approx(px.mse_255(recon, images).double().mean().item(), rel=1e-5)
