@@ -43,6 +43,7 @@ from study.report_figures import (  # noqa: E402
     variance_loss_vs_mse,
 )
 from study.report_tables import paper_tables  # noqa: E402
+from study.selection import select_best  # noqa: E402
 
 # The options that distinguish settings within a family (a row of the summary table).
 SETTING_PARAMS = {
@@ -135,15 +136,38 @@ def best_per_setting(table: pd.DataFrame, runs: pd.DataFrame, metric: str, mode:
         selection = group["selection_metric"].dropna()
         own_metric = selection.iloc[0] if len(selection) else metric
         own_mode = group["selection_mode"].dropna().iloc[0] if group["selection_mode"].notna().any() else mode
-        if own_metric not in group or group[own_metric].isna().all():
-            continue
-        chosen.append(group.sort_values(own_metric, ascending=own_mode == "min").iloc[0])
+        pick = select_best(_candidates(group, own_metric), own_metric, own_mode, within_arm=True)
+        if pick is not None:
+            chosen.append(group.loc[pick["index"]])
     best = pd.DataFrame(chosen)
     if best.empty:
         return best.assign(setting=[])
     if metric in best:
         best = best.sort_values(metric, ascending=mode == "min", na_position="last")
     return best
+
+
+def _candidates(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
+    """Rows of :func:`trials_table` as the trial records :func:`study.selection.select_best` ranks (the fields of
+    a trial in ``results/sweep.json``), each with its row ``index``."""
+    records = []
+    for index, row in table.iterrows():
+        own = row.get("selection_metric")
+        records.append({
+            "index": index,
+            "status": row.get("status"),
+            "metric": own if isinstance(own, str) else metric,
+            "metrics": {name: row.get(name) for name in table.columns},
+            "elbo_valid": str(row.get("elbo_valid")).lower() == "true",
+        })
+    return records
+
+
+def best_overall(best: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best trial of the sweep by its ``metric``, from the best-per-setting rows, by the rule the sweep's
+    summary uses (:func:`study.selection.select_best`); None when no row competes."""
+    pick = select_best(_candidates(best, metric), metric, mode) if not best.empty else None
+    return best.loc[pick["index"]] if pick is not None else None
 
 
 def _markdown_table(frame: pd.DataFrame, columns: list[str]) -> str:
@@ -293,8 +317,8 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
                          and (row["elbo_valid"] == "true" or m not in ELBO_METRICS)}
         for _, row in best_all.iterrows()
     }
-    if not best.empty or not losses.empty:
-        top = (best if not best.empty else losses).iloc[0]
+    top = best_overall(best_all, metric, mode)
+    if top is not None:
         metrics["best"] = {"run_id": top["run_id"], "setting": top["setting"]} | {
             m: float(top[m]) for m in SUMMARY_METRICS if m in top and pd.notna(top[m])
         }

@@ -39,6 +39,7 @@ from study.atomic import atomic_write_text
 from study.config import StudyParams
 from study.data.store import data_fingerprint
 from study.likelihoods import family_elbo_valid
+from study.selection import select_best
 from study.sweep_callback import _TRACKERS, MlflowCallback
 from study.sweep_space import _param_space, _scheduler, _searcher, resolve_overrides
 from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
@@ -47,32 +48,55 @@ from study.sweep_trainable import _hooks_from_env, _trainable
 from study.tracking import SweepTracker, connect, tracking_uri
 
 
-def _elbo_based(metric: str) -> bool:
-    return any(part in metric for part in ("elbo", "log_likelihood", "bits_per_dim", "nll"))
+def _error_line(error: BaseException) -> str:
+    """The last line of an error's message, or its type's name when the message is empty (``RuntimeError()``)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
-def _collect(results, tracker: SweepTracker, variant: str, family: str, metric: str, mode: str) -> list[dict[str, Any]]:
+def _collect(results, tracker: SweepTracker, variant: str, family: str, metric: str, mode: str, *,
+             elbo_valid: bool, max_epochs: int) -> list[dict[str, Any]]:
+    """One summary record per Ray result of an arm (the trial fields of ``results/sweep.json``).
+
+    ``elbo_valid``: whether the arm's reconstruction term is a normalised density; ``max_epochs``: the arm's own
+    ``train.epochs`` (a trial that ran fewer was stopped early), unless the trial sampled ``train.epochs`` itself.
+    """
     trials = []
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
+        config = dict(result.config or {})
         trials.append(
             {
                 "trial_id": trial_id,
                 "run_id": tracker.run_id(trial_id),
                 "variant": variant,
                 "family": family,
+                "elbo_valid": elbo_valid,
                 "metric": metric,
                 "mode": mode,
                 "status": "FAILED" if result.error else "FINISHED",
-                "error": str(result.error).strip().splitlines()[-1] if result.error else None,
-                "config": dict(result.config or {}),
+                "error": _error_line(result.error) if result.error else None,
+                "config": config,
+                "max_epochs": int(config.get("train.epochs", max_epochs)),
                 "epochs": int(metrics.get("epoch", metrics.get("training_iteration", 0))),
                 "node_id": metrics.get("node_id"),
                 "metrics": {k: v for k, v in metrics.items() if k.startswith(("train_", "val_"))},
             }
         )
     return trials
+
+
+def best_trials(trials: list[dict[str, Any]], arms: list[str], metric: str, mode: str
+                ) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """(best trial overall by the sweep's ``metric``, best trial of each arm by the arm's own metric), both by
+    :func:`study.selection.select_best`, the rule the report applies too."""
+    best_per_variant = {}
+    for variant in arms:
+        group = [t for t in trials if t["variant"] == variant]
+        if group and (chosen := select_best(group, group[0]["metric"], group[0]["mode"], within_arm=True)) is not None:
+            best_per_variant[variant] = chosen
+    return select_best(trials, metric, mode), best_per_variant
 
 
 def _pareto_trials(trials: list[dict[str, Any]], params: StudyParams) -> list[str]:
@@ -165,7 +189,10 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                 ),
                 resources,
             )
-            callback = MlflowCallback(tracker, arm_base, params.train.epochs, variant, metric, mode,
+            # The arm's own epochs (a variant may override train.epochs): the scheduler's horizon, the callback's
+            # count and the early-stop test all use it.
+            arm_epochs = arm_base.train.epochs
+            callback = MlflowCallback(tracker, arm_base, arm_epochs, variant, metric, mode,
                                       mutations=tuple(sweep.scheduler.mutations))
             path = experiment_dirs[variant]
             if resumed and tune.Tuner.can_restore(str(path)):
@@ -181,7 +208,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                     param_space=_param_space(params),
                     tune_config=tune.TuneConfig(
                         search_alg=_searcher(params, arm_base, metric, mode, seed_offset=index),
-                        scheduler=_scheduler(params, metric, mode),
+                        scheduler=_scheduler(params, metric, mode, max_epochs=arm_epochs),
                         num_samples=sweep.num_trials,
                         max_concurrent_trials=None if sweep.searcher.kind == "random" else sweep.max_concurrent,
                     ),
@@ -202,7 +229,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             if results.num_terminated + results.num_errors < len(results):  # Ctrl+C: Tune returns early
                 raise KeyboardInterrupt(f"sweep {sweep.name} interrupted with unfinished trials: run it again "
                                         "to resume them")
-            arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode)
+            arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode,
+                                  elbo_valid=family_elbo_valid(arm_base.family), max_epochs=arm_epochs)
             trials += arm_trials
             known_trials |= {t["trial_id"] for t in arm_trials}
             state["arms"][variant] = {"status": "finished", "trials": arm_trials}
@@ -213,20 +241,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
         tracker.finish_sweep("FAILED")
         raise
 
-    def score(t: dict[str, Any]) -> float:
-        return (1 if t["mode"] == "max" else -1) * t["metrics"][t["metric"]]
-
-    finished = [t for t in trials if t["status"] == "FINISHED" and t["metric"] in t["metrics"]]
-    best_per_variant = {
-        variant: max(group, key=score) for variant in arms if (group := [t for t in finished if t["variant"] == variant])
-    }
-    # Across arms only trials selected by the sweep's own metric compete, and an ELBO-based metric only ranks
-    # families whose log_prob is a density (never the comparison losses or the AVAE).
-    rankable = [
-        t for t in finished
-        if t["metric"] == sweep.metric and (family_elbo_valid(t["family"]) or not _elbo_based(sweep.metric))
-    ]
-    best = max(rankable, key=score) if rankable else None
+    best, best_per_variant = best_trials(trials, list(arms), sweep.metric, sweep.mode)
     summary = {
         "sweep": sweep.name,
         "tracking_uri": uri,
@@ -241,8 +256,11 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
         "ray_node_addresses": node_addresses(),
         "num_trials": len(trials),
         "num_failed": sum(t["status"] == "FAILED" for t in trials),
-        "num_early_stopped": sum(t["status"] == "FINISHED" and t["epochs"] < params.train.epochs for t in trials),
-        "variants": {name: arm.model_dump(mode="json") for name, arm in arms.items()},
+        "num_early_stopped": sum(t["status"] == "FINISHED" and t["epochs"] < t["max_epochs"] for t in trials),
+        # Each arm searches with its own seed (searcher.seed + the arm's index), so arms do not replay one
+        # another's samples.
+        "variants": {name: arm.model_dump(mode="json") | {"searcher_seed": sweep.searcher.seed + index}
+                     for index, (name, arm) in enumerate(arms.items())},
         "best_trial": best,
         "best_per_variant": best_per_variant,
         "pareto_front": _pareto_trials(trials, params) if sweep.objectives else [],

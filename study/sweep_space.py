@@ -151,8 +151,11 @@ def _param_space(params: StudyParams) -> dict[str, Any] | None:
     return {path: _tune_domain(dim) for path, dim in dims.items()}
 
 
-def _scheduler(params: StudyParams, metric: str, mode: str):
+def _scheduler(params: StudyParams, metric: str, mode: str, max_epochs: int | None = None):
+    """The arm's trial scheduler; ``max_epochs``: the arm's ``train.epochs`` (default the base config's), ASHA's
+    horizon."""
     sched = params.sweep.scheduler
+    epochs = max_epochs if max_epochs is not None else params.train.epochs
     if sched.kind == "fifo":
         return FIFOScheduler()
     if sched.kind == "pbt":
@@ -173,7 +176,7 @@ def _scheduler(params: StudyParams, metric: str, mode: str):
         time_attr="training_iteration",
         metric=metrics[0],
         mode=modes[0],
-        max_t=params.train.epochs,
-        grace_period=min(sched.grace_period, params.train.epochs),
+        max_t=epochs,
+        grace_period=min(sched.grace_period, epochs),
         reduction_factor=sched.reduction_factor,
     )
