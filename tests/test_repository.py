@@ -5,10 +5,10 @@ name
 
 - an absolute path of the development machine: a folder at the root named ``work`` or ``root``, or a user's
   home under ``/home`` or ``/Users``;
-- a folder beside the repository: a ``shared`` sibling reached by a ``../`` path or by ``REPO.parent``, or any
-  ``../`` path that, resolved from the file's own folder, leaves the repository;
-- the former project notes, spec and design files: the bare word for the spec in capitals, and any all-capitals
-  Markdown file name (``NAME.md``) that is not tracked;
+- a folder beside the repository: a ``shared`` sibling reached by a ``../`` path or through the parent of the
+  repository folder, or any ``../`` path that, resolved from the file's own folder, leaves the repository;
+- the former project notes, spec and design files: the bare word for the spec in capitals, and any Markdown file
+  whose name is all capitals (as notes files are named) and that is not tracked;
 - a repository path (``study/...``, ``tests/...``, ``data/...``, ...; with a file extension) that is neither
   tracked nor a git-ignored output (``reports/summary.md`` is an output of the pipeline, not a missing file).
 
@@ -137,13 +137,13 @@ _W, _R, _S = "/" + "work", "/" + "root", "SP" + "EC"
         'SHARED_DATA = REPO.par' + 'ent / "shared" / "data"',
         f"# Asperti's variance loss, the formula of {_S} 4.1",
         f'"""Larsen et al. 2016\'s crop ({_S} §3.3)."""',
-        "space compare directly (DES" + "IGN.md, 'The likelihood interface').",
+        "space compare directly (DESIGN" + ".md, 'The likelihood interface').",
         "see ../../" + "../elsewhere/x.txt",
         "the loader (study/" + "no_such_module.py) reads it",
     ],
 )
 def test_scan_flags_references_outside_the_repository(line):
-    assert problems("tests/data/x.py", line, {"tests/data/x.py"}, {"x.py", "README.md"})
+    assert problems("tests/data/test_celeba.py", line, {"tests/conftest.py"}, {"conftest.py", "README.md"})
 
 
 @pytest.mark.parametrize(
@@ -155,12 +155,12 @@ def test_scan_flags_references_outside_the_repository(line):
         "``~/.cache/torch/hub/checkpoints/``",
         "_SPECIAL = {'max': 1.0}  # a SPECTRAL norm, spectra",
         "wdir: ../..",
-        "  - ../../reports/avae/trials.csv:",
-        "see README.md and tests/data/x.py",
+        "  - " + "../" * 2 + "reports/avae/trials.csv:",
+        "see README.md and tests/conftest.py",
         "num_workers: 4  # /workers and /workspace are other words",
         "shared by all channels; a shared fixture",
     ],
 )
 def test_scan_allows_legitimate_text(line):
     # studies/avae/dvc.yaml sits two folders deep, so "../.." from it stays inside the repository.
-    assert problems("studies/avae/dvc.yaml", line, {"tests/data/x.py"}, {"x.py", "README.md"}) == []
+    assert problems("studies/avae/dvc.yaml", line, {"tests/conftest.py"}, {"conftest.py", "README.md"}) == []
