@@ -16,6 +16,7 @@ epochs) weights L_KL in the encoder's objective; ``model.avae.latent_weight`` we
 Metrics per epoch (training losses are per-image means over the epoch, in the official [-1, 1] units):
     train_kl, train_nll, train_generator_loss, train_discriminator_loss,
     train_latent_loss (L_Z per image: the official loss is a batch *sum*, divided here by the batch size),
+    beta (the KL weight of ``train.beta`` used in every step of the epoch),
     val_mse_255 (per-pixel MSE on the [0, 255] scale of the AVAE reconstruction G([mu + sigma eps, xi]) against
     the input; the sweep metric for AVAE studies, minimised), val_decoder_mse_255 (the same for D(mu(x)), the
     VAE half), epoch, epoch_seconds.
@@ -272,6 +273,7 @@ def run_avae_trial(
                 f"{avae_cfg.collapse_loss:g} for {avae_cfg.collapse_steps} consecutive steps"
             )
 
+        metrics["beta"] = beta  # the KL weight every step of this epoch used, as study.train reports it
         metrics |= evaluate_avae(model, val, train_cfg.batch_size, seed=train_cfg.seed)
         metrics["epoch"] = epoch + 1
         metrics["epoch_seconds"] = time.perf_counter() - started

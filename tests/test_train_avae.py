@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from study.train import NonFiniteLossError
 from study.train_avae import load_avae_checkpoint, run_avae_trial
@@ -14,7 +13,7 @@ from tests.conftest import tiny_trial_config
 
 EXPECTED = {
     "train_kl", "train_nll", "train_generator_loss", "train_discriminator_loss", "train_latent_loss",
-    "val_mse_255", "val_decoder_mse_255", "epoch", "epoch_seconds",
+    "val_mse_255", "val_decoder_mse_255", "beta", "epoch", "epoch_seconds",
 }
 FILES = [
     "config.yaml", "decoder_reconstructions.png", "metrics.json", "reconstructions.png", "samples.png", "state.pt",
@@ -85,11 +84,35 @@ def test_refuses_a_plain_vae_config(prepared_32, tmp_path):
         run_avae_trial(tiny_trial_config(prepared_32), workdir=tmp_path)
 
 
-def test_beta_schedule_is_accepted(prepared_32, tmp_path):
-    config = avae_config(prepared_32, epochs=1, beta={"kind": "linear_warmup", "start": 0.0, "end": 1.0,
-                                                      "warmup_epochs": 2})
-    metrics = run_avae_trial(config, workdir=tmp_path)
-    assert math.isfinite(metrics["train_kl"]) and torch.isfinite(torch.tensor(metrics["val_mse_255"]))
+def test_beta_schedule_sets_each_epochs_kl_weight(prepared_32, tmp_path, monkeypatch):
+    import study.train_avae as train_avae
+
+    # Linear warm-up (Bowman et al. 2016): beta_e = start + (end - start) * e / warmup_epochs for 0-based e.
+    start, end, warmup = 0.2, 1.0, 4
+    expected = [start + (end - start) * e / warmup for e in range(2)]  # 0.2, 0.4
+    config = avae_config(prepared_32, epochs=2, beta={"kind": "linear_warmup", "start": start, "end": end,
+                                                      "warmup_epochs": warmup})
+    used: list[float] = []  # the beta of every train_step call, in order
+    real_step = train_avae.train_step
+
+    def recording_step(model, optimisers, x, beta, *args, **kwargs):
+        used.append(beta)
+        return real_step(model, optimisers, x, beta, *args, **kwargs)
+
+    monkeypatch.setattr(train_avae, "train_step", recording_step)
+    per_epoch: list[list[float]] = []
+    reported: list[float] = []
+
+    def report(metrics, _checkpoint):
+        per_epoch.append(used[sum(map(len, per_epoch)):])
+        reported.append(metrics["beta"])
+
+    metrics = run_avae_trial(config, report, workdir=tmp_path)
+    assert math.isfinite(metrics["train_kl"]) and math.isfinite(metrics["val_mse_255"])
+    assert reported == pytest.approx(expected, abs=1e-12)
+    assert len(per_epoch) == 2 and all(per_epoch)
+    for betas, beta in zip(per_epoch, expected, strict=True):
+        assert betas == pytest.approx([beta] * len(betas), abs=1e-12)
 
 
 def test_run_trial_dispatches_avae_configs(prepared_32, tmp_path):
