@@ -18,7 +18,7 @@ import study.sweep_ray  # noqa: F401  (first: it sets Ray's environment switches
 from ray.tune import Callback
 
 from study.config import TrialConfig
-from study.likelihoods import family_elbo_valid
+from study.likelihoods import trial_elbo_valid
 from study.sweep_space import _overrides, resolve_overrides
 from study.tracking import SweepTracker
 
@@ -64,7 +64,7 @@ class MlflowCallback(Callback):
         self.trial_ids.add(trial.trial_id)
         config = resolve_overrides(self.base, _overrides(trial.config))
         self.tracker.start_trial(
-            trial.trial_id, _overrides(trial.config), config, family_elbo_valid(config.family),
+            trial.trial_id, _overrides(trial.config), config, trial_elbo_valid(config),
             variant=self.variant, metric=self.metric, mode=self.mode,
         )
         last = trial.last_result or {}

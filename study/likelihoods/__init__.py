@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from study.config import LikelihoodConfig
+from study.config import LikelihoodConfig, TrialConfig
 from study.likelihoods.base import Likelihood
-from study.likelihoods.blur import BlurErrorLikelihood
+from study.likelihoods.blur import BlurErrorLikelihood, estimator_elbo_valid
 from study.likelihoods.gaussian import GaussianLikelihood
 from study.likelihoods.laplace import LaplaceLikelihood
 from study.likelihoods.losses import FocalFrequencyLoss, PerceptualLoss, SSIMLoss
@@ -59,10 +59,29 @@ FAMILY_CLASSES: dict[str, type[Likelihood]] = {
 }
 
 
-def family_elbo_valid(family: str) -> bool:
-    """Whether a family's ``log_prob`` is a normalised density (so ELBO and NLL mean something); ``avae``
-    (a training scheme whose reconstructions come from a generator) has none."""
-    return family != "avae" and FAMILY_CLASSES[family].elbo_valid
+def family_elbo_valid(family: str, likelihood: LikelihoodConfig | None = None) -> bool:
+    """Whether a family's ``log_prob`` is a normalised density of x given z (so ELBO and NLL mean something).
+
+    It can depend on the family's options: the blur family is a density only with ``estimator: network`` (the
+    plug-in ``wiener_ls`` kernel is fitted to x itself). ``likelihood`` gives those options; without it the
+    family's defaults (``LikelihoodConfig()``) are assumed, so pass the trial's config wherever options are
+    searched. ``avae`` (a training scheme whose reconstructions come from a generator) has none. Agrees with
+    ``build_likelihood(likelihood).elbo_valid`` without building anything (``lpips`` needs weights to build).
+
+    Raises:
+        KeyError: an unknown family.
+    """
+    if family == "avae":
+        return False
+    if family == "blur":
+        return estimator_elbo_valid((likelihood or LikelihoodConfig()).blur.estimator)
+    return bool(FAMILY_CLASSES[family].elbo_valid)
+
+
+def trial_elbo_valid(config: TrialConfig) -> bool:
+    """``family_elbo_valid`` of one resolved trial config: its family (``avae`` for the adversarial model) and
+    its likelihood options, e.g. the blur estimator a sweep sampled for that trial."""
+    return family_elbo_valid(config.family, config.likelihood)
 
 
 def build_likelihood(
@@ -82,5 +101,5 @@ def build_likelihood(
 __all__ = [
     "BlurErrorLikelihood", "FocalFrequencyLoss", "GaussianLikelihood", "LaplaceLikelihood", "Likelihood",
     "PerceptualLoss", "SSIMLoss", "StructuredGaussianLikelihood", "YCbCrProductLikelihood", "build_family",
-    "build_likelihood", "family_elbo_valid",
+    "build_likelihood", "family_elbo_valid", "trial_elbo_valid",
 ]

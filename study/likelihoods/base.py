@@ -58,8 +58,23 @@ class Likelihood(nn.Module, ABC):
         return channels * height * width
 
     def log_prob_given_z(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor:
-        """log p(x | z) when the family needs z itself (e.g. a kernel predicted from z); default ``log_prob``."""
+        """log p(x | z) for ``params = decode(z)``: the entry point training and the metrics use, since some
+        families need z itself (the blur family's kernel k_gamma(z)); default ``log_prob``.
+
+        Args:
+            x: images, float (B, C, H, W) in [0, 1].
+            params: decoder output for z, float (B, param_channels(C), H, W).
+            z: the latent codes, float (B, latent_dim).
+
+        Returns:
+            float (B,) in nats per image, as ``log_prob``.
+        """
         return self.log_prob(x, params)
+
+    def sample_given_z(self, params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw x ~ p(x | z) for ``params = decode(z)``, from the same density ``log_prob_given_z`` scores;
+        default ``sample``. Float (B, C, H, W), not clipped to [0, 1]; z float (B, latent_dim)."""
+        return self.sample(params, generator=generator)
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by ``auxiliary_loss`` in an alternating step, never by the ELBO's optimiser."""

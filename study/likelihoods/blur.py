@@ -37,15 +37,24 @@ Every choice made in the reconstruction (check them against the paper before cla
      the kernel_size x kernel_size support (normal equations built in the Fourier domain, solved in float64
      with a 1e-10 relative Tikhonov term), then clamped at 0 and normalised to sum 1. This replaces the
      paper's kernel network by its optimum for that one image. Caveat: the kernel then depends on x, so the
-     log_prob is a plug-in (profile) Gaussian density, normalised for a fixed kernel but not exactly a
-     density over x given z; it is the default because it has no extra network and no extra training step.
-   - ``"network"``: k = k_gamma(z) from ``KernelNetwork`` (the paper's G_gamma(z)); a proper p(x | z).
-     Trained by the kernel step below; ``log_prob`` then needs the kernel passed in.
+     log_prob is a plug-in (profile) Gaussian density, normalised for a fixed kernel but not a density over x
+     given z (minus its Hessian in x is not the precision it uses); hence ``elbo_valid`` is False for this
+     estimator: its ELBO and NLL are loss values, never ranked as likelihoods. It is the default because it has
+     no extra network and no extra training step.
+   - ``"network"``: k = k_gamma(z) from ``KernelNetwork`` (the paper's G_gamma(z)); a proper p(x | z)
+     (``elbo_valid`` True). Trained by the kernel step below; it needs z: ``log_prob_given_z`` and
+     ``sample_given_z`` (the entry points the metrics use), or ``log_prob`` / ``sample`` with ``kernel=``.
 6. The alternation (as described for Bredell et al. 2023), every iteration:
    (1) VAE step: minimise -ELBO with ``log_prob(x, params, kernel=sg(k))``, k from ``estimate_kernel``;
    (2) kernel step (network only): minimise ``kernel_loss(x, sg(x_hat), sg(z))`` = per-image
        ||sg(x_hat) - k_gamma(sg(z)) (*) x||^2 (mean over the batch) w.r.t. the kernel network only.
-7. ``sample`` without a kernel uses the delta kernel (there is no x to estimate one from).
+7. Sampling draws from the kernel the density uses (``sample_given_z``): for ``"network"`` k_gamma(z), the
+   kernel ``log_prob_given_z`` scores with. For ``"wiener_ls"`` there is no such kernel without an x: the
+   plug-in kernel is fitted between x and the decoded mean, and fitted between the decoded mean and itself it
+   is exactly the delta, so its draws use the delta kernel (isotropic noise of variance
+   s^2 / ((1 + C)^-2 + eps)), which is not the precision its ``log_prob`` scores an x with. ``sample`` with no
+   ``kernel`` does the same for ``"wiener_ls"`` and raises for ``"network"`` (it has no z). Sample grids and
+   sample metrics show the mean E[x | z] (``VAE.sample_prior``), which no kernel enters.
 8. Kernel network: an MLP z -> 2 x SiLU(hidden_dim) -> softmax over kernel_size^2 logits, initialised to a
    sigma = 1 px Gaussian (``KernelNetwork``); the paper's architecture is unknown.
 10. An optional global noise scale s (``noise_mode``, ``noise_sigma``; added by the study):
@@ -75,6 +84,20 @@ from study.likelihoods.blur_kernel import (
 )
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def estimator_elbo_valid(estimator: str) -> bool:
+    """Whether the blur likelihood with this kernel ``estimator`` is a normalised density of x given z.
+
+    ``"network"``: yes, the kernel k_gamma(z) depends on z only. ``"wiener_ls"``: no, the kernel is fitted to x
+    itself (module docstring, choice 5). Needs no model, so configs can be tagged before anything is built.
+
+    Raises:
+        ValueError: an unknown estimator.
+    """
+    if estimator not in ("wiener_ls", "network"):
+        raise ValueError(f"unknown estimator {estimator!r}")
+    return estimator == "network"
 
 
 def wiener_weights(kernel: Tensor, shape: tuple[int, int], wiener_c: float, eps: float) -> Tensor:
@@ -165,6 +188,12 @@ class BlurErrorLikelihood(Likelihood):
             self.kernel_net = KernelNetwork(latent_dim, kernel_size, hidden_dim=hidden_dim)
 
     # ----------------------------------------------------------------------------------------------- kernels
+    @property
+    def elbo_valid(self) -> bool:  # type: ignore[override]
+        """True only for ``"network"``: the plug-in ``"wiener_ls"`` kernel is a function of x, so its log_prob is
+        not a normalised density of x given z (module docstring, choice 5)."""
+        return estimator_elbo_valid(self.estimator)
+
     def param_channels(self, image_channels: int) -> int:
         return image_channels
 
@@ -287,17 +316,43 @@ class BlurErrorLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
 
+    def sample_given_z(self, params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw x ~ p(x | z) with the kernel the density uses: k_gamma(z) for ``"network"`` (the kernel of
+        ``log_prob_given_z``), the delta for ``"wiener_ls"`` (module docstring, choice 7).
+
+        Args:
+            params: decoder output, float (B, C, H, W).
+            z: the latent codes that produced ``params``, float (B, latent_dim).
+            generator: optional torch.Generator on ``params``' device.
+
+        Returns:
+            float (B, C, H, W), not clipped to [0, 1]; see ``sample``.
+        """
+        kernel = None
+        if self.estimator == "network":
+            assert self.kernel_net is not None
+            with torch.no_grad():
+                kernel = self.kernel_net(z.detach())  # (B, k, k)
+        return self.sample(params, generator=generator, kernel=kernel)
+
     def sample(
         self, params: Tensor, generator: torch.Generator | None = None, kernel: Tensor | None = None
     ) -> Tensor:
         """One draw x = mu + e, e ~ N(0, Sigma_k), float (B, C, H, W), not clipped to [0, 1].
 
         e = Re ifft2(fft2(u) / sqrt(lambda)) with u ~ N(0, I): Cov(e) = F^-1 diag(1/lambda) F = Sigma_k exactly
-        (the imaginary part is rounding only, since lambda is symmetric). ``kernel`` as in ``log_prob``;
-        None uses the delta kernel, i.e. isotropic noise of variance 1 / ((1 + C)^-2 + eps).
+        (the imaginary part is rounding only, since lambda is symmetric). ``kernel`` as in ``log_prob``.
+        None: for ``"wiener_ls"`` the delta kernel, i.e. isotropic noise of variance s^2 / ((1 + C)^-2 + eps)
+        (module docstring, choice 7); for ``"network"`` an error, since its kernel needs z (``sample_given_z``).
+
+        Raises:
+            ValueError: ``"network"`` without a kernel.
         """
         mu = self.mean(params.to(torch.promote_types(params.dtype, torch.float32)))  # (B, C, H, W)
         if kernel is None:
+            if self.estimator == "network":
+                raise ValueError("estimator='network' samples with k_gamma(z): use sample_given_z(params, z) or "
+                                 "pass kernel=")
             # A 1 x 1 delta has the same OTF (K == 1) as any centred delta and fits every image size.
             kernel = delta_kernel(1, dtype=mu.dtype, device=mu.device)  # (1, 1)
         lam = self._lambda(kernel, mu)  # (B, 1, H, W)
@@ -306,4 +361,4 @@ class BlurErrorLikelihood(Likelihood):
         return mu + noise
 
 
-__all__ = ["BlurErrorLikelihood", "KernelNetwork", "circular_blur", "psf2otf", "wiener_weights"]
+__all__ = ["BlurErrorLikelihood", "KernelNetwork", "circular_blur", "estimator_elbo_valid", "psf2otf", "wiener_weights"]

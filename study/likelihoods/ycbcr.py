@@ -85,6 +85,12 @@ class YCbCrProductLikelihood(Likelihood):
         chroma = self._upsample(self.chroma.sample(p_c, generator=generator))
         return torch.cat([self.luma.sample(p_y, generator=generator), chroma], dim=1)  # (B, 3, H, W)
 
+    def sample_given_z(self, params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A draw whose luma comes from the luma family's ``sample_given_z`` (its z-dependent kernel, if any)."""
+        p_y, p_c = self._split(params)
+        chroma = self._upsample(self.chroma.sample(p_c, generator=generator))
+        return torch.cat([self.luma.sample_given_z(p_y, z, generator=generator), chroma], dim=1)  # (B, 3, H, W)
+
     def precision_diagonal(self, params: Tensor) -> Tensor:
         """The luma likelihood's precision diagonal (the Gamma prior of Eq. 13 is on the structured Y)."""
         if not hasattr(self.luma, "precision_diagonal"):
