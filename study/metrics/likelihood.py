@@ -10,11 +10,17 @@ These follow Dorta et al. 2018 ("Training VAEs Under Structured Residuals"), who
 
 Every function works with any model following :class:`VAEProtocol`: a diagonal Gaussian encoder, a decoder
 producing likelihood parameters, a :class:`study.likelihoods.base.Likelihood`, and the prior p(z) = N(0, I).
-All values are in nats; :func:`to_bits_per_dim` converts.
+log p(x | z) is always ``likelihood.log_prob_given_z(x, decode(z), z)``: the same call for every family, which
+families whose density needs z itself (the blur family's ``network`` kernel k_gamma(z)) use and the others
+forward to ``log_prob``. All values are in nats; :func:`to_bits_per_dim` converts.
 
 Units. ``Likelihood.log_prob`` is a density over images in [0, 1], so these NLLs are continuous NLLs on the
-[0, 1] scale and can be negative (Dorta's Table 1 values are). An 8-bit discrete NLL (with uniform
-dequantisation) in bits per dimension is, up to the dequantisation bound, ``to_bits_per_dim(nll, D) + 8``.
+[0, 1] scale and can be negative (Dorta's Table 1 values are). The data are 8-bit values k / 255, so expressing
+the same density per unit of [0, 255] adds log2(255) = 7.994 bits per dimension
+(``to_bits_per_dim(nll, D) + log2(255)``), not 8. Neither number bounds the NLL of the discrete 8-bit data: the
+familiar "+ 8 bits" bound holds for a density evaluated on uniformly dequantised inputs (k + u) / 256,
+u ~ U[0, 1) (Theis, van den Oord & Bethge 2016, Sec. 3.1), while these metrics evaluate it at the 8-bit values
+themselves, where a continuous density can be arbitrarily peaked.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class VAEProtocol(Protocol):
     - ``encode(x)``: images float (B, C, H, W) in [0, 1] -> ``(mu, logvar)``, each float (B, latent_dim), the
       diagonal Gaussian posterior q(z | x) = N(mu, diag(exp(logvar))).
     - ``decode(z)``: float (B, latent_dim) -> likelihood parameters float (B, P, H, W).
-    - ``likelihood``: turns those parameters into log p(x | z), float (B,) nats per image.
+    - ``likelihood``: turns those parameters into log p(x | z) with ``log_prob_given_z(x, params, z)``, float (B,)
+      nats per image.
     - the prior is p(z) = N(0, I).
     """
 
@@ -151,7 +158,8 @@ def elbo_terms(
         recon = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         for _ in range(num_samples):
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            recon += model.likelihood.log_prob(x, model.decode(mu + std * eps)).double()  # (B,)
+            z = mu + std * eps  # (B, d)
+            recon += model.likelihood.log_prob_given_z(x, model.decode(z), z).double()  # (B,)
         recon = (recon / num_samples).to(mu.dtype)
         kl = gaussian_kl_to_standard_normal(mu, logvar)  # (B,)
     return ElboTerms(elbo=recon - kl, reconstruction=recon, kl=kl)
@@ -209,7 +217,8 @@ def iwae_nll(
                 z = mu + std * eps  # (k, G, d)
                 params = model.decode(z.reshape(k * g, -1))  # (k*G, P, H, W)
                 x_rep = xg.unsqueeze(0).expand(k, *xg.shape).reshape(k * g, *xg.shape[1:])  # (k*G, C, H, W)
-                log_px = model.likelihood.log_prob(x_rep, params).view(k, g)  # (k, G)
+                z_flat = z.reshape(k * g, -1)  # (k*G, d), row k * G + g as params and x_rep
+                log_px = model.likelihood.log_prob_given_z(x_rep, params, z_flat).view(k, g)  # (k, G)
                 log_pz = standard_normal_log_prob(z)  # (k, G)
                 # log q(z | x) from eps directly: (z - mu)^2 / sigma^2 = eps^2, exact and cheaper.
                 log_qz = -0.5 * (eps.square() + logvar + _LOG_2PI).sum(-1)  # (k, G)
