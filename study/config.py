@@ -127,10 +127,37 @@ class GaussianLikelihoodConfig(_Strict):
 
 
 class GammaPriorConfig(_Strict):
-    """Gamma(concentration, rate) prior on the precision diagonal lambda_ii (Dorta et al. 2018, Eq. 13)."""
+    """Gamma(concentration, rate) prior on the precision diagonal lambda_ii (Dorta et al. 2018, Eq. 13).
 
-    concentration: float = Field(default=1.0, gt=0.0)  # alpha_G
-    rate: float = Field(default=1e-4, gt=0.0)  # beta_G
+    Dorta et al. use it to prefer large diagonal precisions (a sharp mean that explains the data rather than a
+    blurry mean plus a wide correlated residual); the paper does not print its alpha_G, beta_G. A Gamma density
+    with concentration > 1 has its mode at (concentration - 1) / rate, in 1 / image-units^2; with
+    concentration <= 1 it decreases in lambda, i.e. it penalises large precisions, the opposite of that aim, so
+    it is rejected unless ``allow_decreasing`` is true. The defaults (2, 0.0025) put the mode at 400, a
+    conditional standard deviation of 0.05 (12.75 grey levels), above the diagonal a structured model reaches
+    on the embedded sample without a prior (median ~37 after 30 epochs at 32 x 32) and above the precision
+    of Dorta's reported MSE (~700 on [0, 255], 1 / 0.104^2 ~ 92).
+    """
+
+    concentration: float = Field(default=2.0, gt=0.0)  # alpha_G (shape)
+    rate: float = Field(default=0.0025, gt=0.0)  # beta_G (inverse scale), 1 / precision units
+    # true: accept concentration <= 1 (a density decreasing in lambda, e.g. the exponential prior at 1)
+    allow_decreasing: bool = False
+
+    @model_validator(mode="after")
+    def _mode_at_a_precision(self) -> "GammaPriorConfig":
+        if self.concentration <= 1.0 and not self.allow_decreasing:
+            raise ValueError(
+                f"concentration = {self.concentration:g} <= 1 makes the Gamma prior decrease in lambda, which "
+                "penalises large precisions (Dorta et al. 2018, Eq. 13 aims to favour them): use concentration > 1 "
+                "(mode (concentration - 1) / rate), or set allow_decreasing: true to keep it"
+            )
+        return self
+
+    @property
+    def mode(self) -> float | None:
+        """The prior's mode (concentration - 1) / rate, or None when the density has none inside (0, inf)."""
+        return (self.concentration - 1.0) / self.rate if self.concentration > 1.0 else None
 
 
 class StructuredLikelihoodConfig(_Strict):
