@@ -22,8 +22,14 @@ One training step draws eps, xi, z_f ~ N(0, I) and computes, on images x_c in [-
 
 All four gradients come from the same forward pass and are applied together (the official code takes them from
 one persistent ``GradientTape``). L_Z reaches G through E(x_tilde) but only G is updated by it: E never receives
-a gradient from L_Z or from the adversarial losses. The paper states L_Z = 1/2 ||(mu_e(x_tilde) -
-sqrt(1 - sigma_e^2) z) / sigma_e||^2; the code (followed here) uses the precision softmax weights above instead.
+a gradient from L_Z or from the adversarial losses.
+
+L_Z here is the official code's ``latent_loss`` (Plumerault et al. 2020, official implementation), not the
+paper's formula L_Z = 1/2 ||(mu_e(x_tilde) - sqrt(1 - sigma_e^2) z) / sigma_e||^2. They differ twice: the
+official target is z itself, without the paper's sqrt(1 - sigma_e^2) shrinkage of z, and each dimension is
+weighted by softmax_j(-2 log sigma_e) (the precisions normalised to sum 1 over the latent dimensions, no
+gradient) instead of 1 / sigma_e^2. With sigma_e -> 0 the two targets agree; for sigma_e near 1 the paper's
+target shrinks towards 0 while the official one does not.
 
 Reconstructions used for metrics are G([mu(x) + sigma * eps, xi]) with fresh xi (official ``forward`` with
 ``training=False``), not D(z); samples are G([z, xi]).
@@ -120,9 +126,11 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
 def latent_reconstruction_loss(z: Tensor, mu_tilde: Tensor, log_sigma_tilde: Tensor) -> Tensor:
     """L_Z = sum_b sum_j 1/2 (z - mu_tilde)_j^2 w_j with w = stopgrad(softmax_j(-2 log sigma_tilde)).
 
-    The weights are the encoder's precisions normalised over latent dimensions; they carry no gradient
-    (official ``latent_loss``). The loss is **summed** over the batch as in the official code (its
-    ``reduce_mean`` acts on an already-reduced scalar), so its scale grows with the batch size.
+    The weights are the encoder's precisions normalised over latent dimensions; they carry no gradient. This
+    is the official code's ``latent_loss`` (Plumerault et al. 2020, official implementation): the target is z,
+    not the paper's sqrt(1 - sigma^2) z, and the weights are not the paper's 1 / sigma^2 (module docstring).
+    The loss is **summed** over the batch as in the official code (its ``reduce_mean`` acts on an
+    already-reduced scalar), so its scale grows with the batch size.
 
     Args:
         z: float (B, d), the latents the images were generated from.
