@@ -1,8 +1,9 @@
 """DVC stage ``prepare@<dataset>``: raw images -> ``<prepare.output_root>/<dataset>/`` arrays + ``manifest.json``.
 
 CelebA (``kind: celeba``) is cropped as Larsen et al. 2016; LSUN (``kind: lsun``) is centre-cropped and resized,
-with LSUN's validation LMDB as the test split. The output directory is replaced atomically: an interrupted run
-(Ctrl-C or SIGTERM) leaves the previous complete output, or nothing.
+with LSUN's validation LMDB as the test split; a folder of images (``kind: folder``) is split by source image
+and centre-cropped or cut into seeded patches (``study.data.folder``). The output directory is replaced
+atomically: an interrupted run (Ctrl-C or SIGTERM) leaves the previous complete output, or nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 
 from pipelines.common import stage_arguments
-from study.config import CelebADatasetConfig
+from study.config import CelebADatasetConfig, FolderDatasetConfig
 
 
 def _terminate(signum, frame) -> None:  # SIGTERM -> SystemExit, so the atomic writer removes its temporary
@@ -47,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
                 from study.data.celeba import prepare_celeba
 
                 arrays, info = prepare_celeba(dataset.root, dataset.partition_file, cfg.resolution, cfg.workers, skip)
+            elif isinstance(dataset, FolderDatasetConfig):
+                from study.data.folder import prepare_folder
+
+                patches = dataset.patches
+                arrays, info = prepare_folder(
+                    dataset.root, cfg.resolution, val_fraction=dataset.splits.val, test_fraction=dataset.splits.test,
+                    seed=dataset.seed, patch_size=None if patches is None else patches.size,
+                    patches_per_image=1 if patches is None else patches.per_image,
+                    patch_seed=0 if patches is None else patches.seed, workers=cfg.workers, skip_corrupt=skip,
+                )
             else:
                 from study.data.lsun import prepare_lsun
 

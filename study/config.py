@@ -55,7 +55,41 @@ class LSUNDatasetConfig(_Strict):
     seed: int = 0
 
 
-DatasetConfig = Annotated[Union[CelebADatasetConfig, LSUNDatasetConfig], Field(discriminator="kind")]
+class PatchesConfig(_Strict):
+    """Seeded random square crops of each source image of a ``folder`` dataset (``study.data.folder``)."""
+
+    size: int = Field(ge=1)  # side of each crop in source pixels, >= prepare.resolution; resized to it
+    per_image: int = Field(default=1, ge=1)  # crops per source image
+    seed: int = 0  # with each source's relative path, seeds that source's crop positions
+
+
+class FolderSplitsConfig(_Strict):
+    """Fractions of the source images (not of the crops) held out per split; train gets the rest."""
+
+    val: float = Field(default=0.1, gt=0.0, lt=1.0)
+    test: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _train_left(self) -> "FolderSplitsConfig":
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves no source images for train; keep it < 1")
+        return self
+
+
+class FolderDatasetConfig(_Strict):
+    """Any folder of images (``*.jpg``, ``*.jpeg``, ``*.png``, recursive), split by source image, each image
+    centre-cropped or cut into seeded patches, then resized (``study.data.folder``)."""
+
+    kind: Literal["folder"] = "folder"
+    root: Path
+    splits: FolderSplitsConfig = FolderSplitsConfig()
+    seed: int = 0  # seed of the split of the source images
+    patches: PatchesConfig | None = None  # None: one centre square crop per image
+
+
+DatasetConfig = Annotated[
+    Union[CelebADatasetConfig, LSUNDatasetConfig, FolderDatasetConfig], Field(discriminator="kind")
+]
 
 
 class PrepareConfig(_Strict):
@@ -554,6 +588,15 @@ class StudyParams(_Strict):
         if self.train.device == "cuda" and self.sweep.resources_per_trial.gpu == 0:
             raise ValueError("train.device is 'cuda' but sweep.resources_per_trial.gpu is 0, so Ray hides every "
                              "GPU from the trials; give each trial a GPU share, e.g. gpu: 0.25 for four per GPU")
+        return self
+
+    @model_validator(mode="after")
+    def _patches_cover_resolution(self) -> "StudyParams":
+        for name, dataset in self.datasets.items():
+            patches = getattr(dataset, "patches", None)
+            if patches is not None and patches.size < self.prepare.resolution:
+                raise ValueError(f"datasets.{name}.patches.size {patches.size} is smaller than prepare.resolution "
+                                 f"{self.prepare.resolution}; crops are only ever shrunk to the resolution")
         return self
 
     def dataset_dir(self, name: str | None = None) -> Path:
