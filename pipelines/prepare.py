@@ -4,6 +4,11 @@ CelebA (``kind: celeba``) is cropped as Larsen et al. 2016; LSUN (``kind: lsun``
 with LSUN's validation LMDB as the test split; a folder of images (``kind: folder``) is split by source image
 and centre-cropped or cut into seeded patches (``study.data.folder``). The output directory is replaced
 atomically: an interrupted run (Ctrl-C or SIGTERM) leaves the previous complete output, or nothing.
+
+Source integrity of CelebA and LSUN (``study.data.integrity``): a checksum list, ``datasets.<name>.checksums`` or
+else ``<root>/SHA256SUMS`` when present (the embedded sample ships one), is verified before decoding, and a JPEG
+that libjpeg decodes only with a warning counts as corrupt. A corrupt image stops the stage (exit 1, the file
+named, the previous output untouched) unless ``skip_corrupt``, which leaves it out and lists it in the manifest.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(dataset, CelebADatasetConfig):
                 from study.data.celeba import prepare_celeba
 
-                arrays, info = prepare_celeba(dataset.root, dataset.partition_file, cfg.resolution, cfg.workers, skip)
+                arrays, info = prepare_celeba(dataset.root, dataset.partition_file, cfg.resolution, cfg.workers, skip,
+                                              checksums=dataset.checksums_file())
             elif isinstance(dataset, FolderDatasetConfig):
                 from study.data.folder import prepare_folder
 
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 arrays, info = prepare_lsun(
                     dataset.root / f"{dataset.category}_train_lmdb", dataset.root / f"{dataset.category}_val_lmdb",
                     cfg.resolution, val_fraction=dataset.val_fraction, seed=dataset.seed, workers=cfg.workers,
-                    skip_corrupt=skip,
+                    skip_corrupt=skip, checksums=dataset.checksums_file(),
                 )
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items() if k in arrays)
         skipped = info.get("skipped_count", 0)
+        skipped = sum(skipped.values()) if isinstance(skipped, dict) else skipped  # LSUN counts per split
         print(f"prepared {name} ({cfg.color}) at {cfg.resolution}x{cfg.resolution} into {output}: {counts}"
               f"{f', {skipped} corrupt skipped' if skipped else ''} ({time.perf_counter() - started:.1f} s)")
     return 0

@@ -33,6 +33,19 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- prepare
+def _checksums_path(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path; give a sha256sum / md5sum list, or null")
+    return value
+
+
+def _checksums_file(root: Path, checksums: Path | None) -> Path | None:
+    if checksums is not None:
+        return checksums
+    default = root / "SHA256SUMS"  # study.data.integrity.SUMS_FILE; config imports no data code
+    return default if default.is_file() else None
+
+
 class CelebADatasetConfig(_Strict):
     """CelebA's aligned-and-cropped release, prepared with Larsen et al. 2016's crop (``study.data.celeba``)."""
 
@@ -41,6 +54,15 @@ class CelebADatasetConfig(_Strict):
     root: Path = Path("data/sample/celeba")
     # Defaults to ``<root>/list_eval_partition.txt``; the official file splits 162,770 / 19,867 / 19,962.
     partition_file: Path | None = None
+    # A ``sha256sum`` / ``md5sum`` list of the images (names relative to the list's folder), verified before each
+    # image is decoded (``study.data.integrity``). null: ``<root>/SHA256SUMS`` if present (the sample ships one).
+    checksums: Path | None = None
+
+    _checksums = field_validator("checksums", mode="before")(lambda v: _checksums_path(v))
+
+    def checksums_file(self) -> Path | None:
+        """The checksum list to verify: ``checksums``, else ``<root>/SHA256SUMS`` when it exists, else None."""
+        return _checksums_file(self.root, self.checksums)
 
 
 class LSUNDatasetConfig(_Strict):
@@ -53,6 +75,15 @@ class LSUNDatasetConfig(_Strict):
     category: str = "church_outdoor"
     val_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
     seed: int = 0
+    # A ``sha256sum`` / ``md5sum`` list of the LMDBs' ``data.mdb`` files (``<category>_train_lmdb/data.mdb``, ...,
+    # relative to the list's folder), verified before they are opened. null: ``<root>/SHA256SUMS`` if present.
+    checksums: Path | None = None
+
+    _checksums = field_validator("checksums", mode="before")(lambda v: _checksums_path(v))
+
+    def checksums_file(self) -> Path | None:
+        """The checksum list to verify: ``checksums``, else ``<root>/SHA256SUMS`` when it exists, else None."""
+        return _checksums_file(self.root, self.checksums)
 
 
 class PatchesConfig(_Strict):

@@ -14,13 +14,17 @@ Preparation, per image (Dorta et al. 2018 do not state their LSUN crop and resiz
 centre crop of DCGAN-style LSUN pipelines, with the filter pinned down):
 
 1. decode the JPEG with Pillow (fully, so a truncated file fails) and convert to RGB; EXIF orientation is
-   ignored, as in ``torchvision.datasets.LSUN``;
+   ignored, as in ``torchvision.datasets.LSUN``; a JPEG that libjpeg decodes only with a warning ("Corrupt JPEG
+   data: ...", :func:`study.data.integrity.jpeg_warning`) is corrupt;
 2. :data:`CROP_DESCRIPTION`: the largest centred square;
 3. :data:`RESIZE_DESCRIPTION`: Pillow's antialiased bicubic resize to R x R, uint8 in, uint8 out.
 
 Splits: ``train`` and ``val`` both come from the train LMDB (a seeded held-out fraction, see
 :func:`split_train_keys`); ``test`` is the whole official val LMDB, as Dorta et al. use LSUN's validation set as
 their test set (LSUN's own test set is one unlabelled 10,000-image LMDB across all categories).
+
+Checksums (optional, ``datasets.<name>.checksums``): a ``sha256sum`` / ``md5sum`` list of the LMDBs' ``data.mdb``
+files, checked whole before they are opened. ``lock.mdb`` is not data and is left out: LMDB rewrites it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import lmdb
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from study.data.integrity import ChecksumError, jpeg_warning, read_checksums
 
 SHORT_SIDE = 256  # short side of every image in the official LMDBs
 JPEG_QUALITY = 75  # quality of the official JPEG values
@@ -161,7 +167,8 @@ def decode_record(key: bytes, value: bytes, path: str | Path | None = None) -> n
 
     The whole image is decoded (``Image.load``), so a truncated JPEG fails here. This relies on Pillow's default
     ``ImageFile.LOAD_TRUNCATED_IMAGES = False``; with it set, truncated files decode silently, padded with grey.
-    Corrupted entropy-coded data that libjpeg only warns about cannot be detected.
+    Corrupted entropy-coded data that libjpeg only warns about, which Pillow ignores, are found by decoding the
+    JPEG once more with warnings as errors (:func:`study.data.integrity.jpeg_warning`); the pixels are Pillow's.
 
     Args:
         key: the record's key, for the error message.
@@ -169,20 +176,31 @@ def decode_record(key: bytes, value: bytes, path: str | Path | None = None) -> n
         path: the LMDB folder, for the error message.
 
     Raises:
-        CorruptRecordError: the bytes are not a decodable image; the message names the key and the LMDB.
+        CorruptRecordError: the bytes are not a decodable image, or a JPEG that libjpeg decodes only with a
+            warning; the message names the key and the LMDB.
     """
+    where = f" in {path}" if path is not None else ""
     try:
         with Image.open(io.BytesIO(value)) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            is_jpeg = im.format == "JPEG"
+            img = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        where = f" in {path}" if path is not None else ""
         raise CorruptRecordError(
             f"LSUN record {key_text(key)}{where} cannot be decoded ({err}); re-download the LMDB, or pass "
             "skip_corrupt=True to leave such records out (they are listed in the manifest)",
             key=key,
             path=None if path is None else str(path),
         ) from None
+    warning = jpeg_warning(value) if is_jpeg else None
+    if warning is not None:
+        raise CorruptRecordError(
+            f"LSUN record {key_text(key)}{where} decodes only with libjpeg's warning '{warning}': its compressed "
+            "data are damaged; re-download the LMDB, or pass skip_corrupt=True to leave such records out",
+            key=key,
+            path=None if path is None else str(path),
+        )
+    return img
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int]:
@@ -338,6 +356,7 @@ def prepare_lsun(
     seed: int = 0,
     workers: int = 1,
     skip_corrupt: bool = False,
+    checksums: str | Path | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The LSUN ``prepare`` stage's work: split -> uint8 (N, R, R, 3) plus manifest fields.
 
@@ -350,6 +369,8 @@ def prepare_lsun(
         seed: seed of the held-out permutation.
         workers: decoding processes.
         skip_corrupt: leave undecodable records out (listed in the info dict) instead of raising.
+        checksums: a ``sha256sum`` / ``md5sum`` list that names both LMDBs' ``data.mdb``; both are hashed and
+            compared before either is opened (a mismatch always stops: a whole LMDB cannot be skipped).
 
     Returns:
         (arrays, info). arrays: ``{"train", "val", "test"}`` -> uint8 (N, R, R, 3), 0..255, each in LMDB key order.
@@ -357,13 +378,27 @@ def prepare_lsun(
         paths), ``resolution``, ``crop`` and ``resize`` (the method in words), ``val_fraction``, ``seed``,
         ``lmdb_records`` (records per LMDB), ``counts`` (images per split, after skipping), ``val_keys_sha256``
         (sha256 of the sorted held-out keys joined by newlines: the split's identity), ``skip_corrupt``,
-        ``skipped`` (split -> list of skipped keys as text) and ``skipped_count`` (split -> int).
+        ``skipped`` (split -> list of skipped keys as text), ``skipped_count`` (split -> int) and ``checksums``
+        (list file, algorithm and files verified; None without a list).
 
     Raises:
-        FileNotFoundError: an LMDB folder is missing (named, with what to put there).
+        FileNotFoundError: an LMDB folder is missing (named, with what to put there), or the checksum list.
+        ChecksumError: a malformed list, a listed file missing, a ``data.mdb`` not listed or differing from its
+            digest, or ``lock.mdb`` listed.
         CorruptRecordError: without ``skip_corrupt``, the first undecodable record, by key and LMDB.
         ValueError: val_fraction outside [0, 1).
     """
+    listing = read_checksums(checksums) if checksums is not None else None
+    if listing is not None:
+        locks = [str(f) for f in listing.digests if f.name == "lock.mdb"]
+        if locks:
+            raise ChecksumError(f"{listing.path} lists {locks[0]}: LMDB rewrites lock.mdb, list only data.mdb")
+        data_files = [Path(train_lmdb) / "data.mdb", Path(test_lmdb) / "data.mdb"]
+        for file in data_files:
+            listing.require(file)
+        listing.check_present()
+        for file in data_files:
+            listing.verify_file(file)
     keys = list_keys(train_lmdb)
     test_keys = list_keys(test_lmdb)
     train_keys, val_keys = split_train_keys(keys, val_fraction, seed)
@@ -387,6 +422,8 @@ def prepare_lsun(
         "skip_corrupt": skip_corrupt,
         "skipped": skipped,
         "skipped_count": {split: len(bad) for split, bad in skipped.items()},
+        "checksums": None if listing is None else {
+            "file": str(listing.path), "algorithm": listing.algorithm, "verified": 2},
     }
     return arrays, info
 
