@@ -38,7 +38,7 @@ class ChecksumError(ValueError):
 
 
 def _key(path: str | Path) -> Path:
-    # Absolute and normalised without resolving links, so 'data/x/../x/a.jpg' and the root's own spelling agree.
+    # Absolute and normalised (`..` and `.` folded) without resolving links, so a list's names and a root agree.
     return Path(os.path.abspath(path))
 
 
