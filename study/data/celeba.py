@@ -274,8 +274,11 @@ def prepare_celeba(
         listing.verify_file(partition_path)  # before parsing it: a changed split is not a skippable image
         verified += 1
     partition = read_partition(partition_path)
-    if listing is not None:
+    if listing is not None:  # list problems stop the stage before the first image is decoded
         listing.check_present()
+        for files in partition.values():
+            for name in files:
+                listing.require(folder / name)
     arrays, skipped = {}, {}
     for split, files in partition.items():
         arrays[split], skipped[split] = prepare_split(
