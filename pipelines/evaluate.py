@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from mlflow.entities import Metric, RunTag
 
-    from study.atomic import atomic_write_bytes, atomic_write_text
+    from study.atomic import atomic_directory
     from study.data.loader import DeviceSplit
     from study.evaluate import evaluate_model
     from study.evaluate_examples import example_images
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # YCbCr: pixel metrics against the RGB before the conversion (Dorta et al. 2018), when prepare kept it.
     reference = data.take_pixel_reference(index) if data.rgb_reference is not None else None
     out_dir = Path(cfg.output_dir)
-    evaluated, examples = {}, {}
+    evaluated, examples, arm_files = {}, {}, {}
     for arm, trial in summary["best_per_variant"].items():
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             + [RunTag(f"implementation.{k}", v[:5000]) for k, v in result.implementations.items()],
         )
         client.log_text(trial["run_id"], result.to_json(), "evaluation/evaluation.json")
-        atomic_write_text(out_dir / f"{arm}.json", result.to_json())
+        arm_files[f"{arm}.json"] = result.to_json()
         evaluated[arm] = {
             "run_id": trial["run_id"], "trial_id": trial["trial_id"], "family": config.family,
             "elbo_valid": bool(result.settings.get("elbo_valid", False)), "metrics": result.metrics,
@@ -81,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - started:.1f} s: {shown}; unavailable: {sorted(result.unavailable)}")
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **examples)
-    atomic_write_bytes(out_dir / "examples.npz", buffer.getvalue())
-    atomic_write_text(out_dir / "summary.json", json.dumps(
-        {"split": cfg.split, "num_images": len(data), "color": data.color, "arms": evaluated,
-         "settings": cfg.model_dump(mode="json")}, indent=2, default=str) + "\n")
+    # The whole output directory is replaced at once (DVC keeps it in place, `persist`): a failed run leaves the
+    # previous evaluation, and no file of an older sweep's arms survives a new one.
+    with atomic_directory(out_dir) as tmp:
+        for name, text in arm_files.items():
+            (tmp / name).write_text(text)
+        (tmp / "examples.npz").write_bytes(buffer.getvalue())
+        (tmp / "summary.json").write_text(json.dumps(
+            {"split": cfg.split, "num_images": len(data), "color": data.color, "arms": evaluated,
+             "settings": cfg.model_dump(mode="json")}, indent=2, default=str) + "\n")
     return 0
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from pipelines.common import stage_arguments, sweep_summary
 
 
+#: Everything the report stage writes in ``report.output_dir`` (its DVC outputs, and the Pareto page).
+REPORT_OUTPUTS = ("trials.csv", "summary.md", "metrics.json", "best_reconstructions.png", "pareto_front.md",
+                  "tables", "figures")
+
+
 def main(argv: list[str] | None = None) -> int:
     _, params = stage_arguments(argv, __doc__)
+    from study.atomic import publish
     from study.report import write_report
     from study.tracking import connect
 
@@ -17,24 +25,31 @@ def main(argv: list[str] | None = None) -> int:
     if summary is None:
         return 1
     client, _ = connect(params.tracking)
-    metrics = write_report(summary, params.report.output_dir, client)
-    evaluation = Path(params.evaluate.output_dir)
-    if (evaluation / "summary.json").is_file():
-        from study.report import load_runs, trials_table, write_paper_report
+    output_dir = Path(params.report.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Built aside and moved in at the end (DVC keeps the outputs in place, `persist`): a failed run leaves the
+    # previous report whole, and a new one leaves nothing of an older sweep behind.
+    staging = Path(tempfile.mkdtemp(prefix=".report-staging-", dir=output_dir))
+    try:
+        metrics = write_report(summary, staging, client)
+        evaluation = Path(params.evaluate.output_dir)
+        if (evaluation / "summary.json").is_file():
+            from study.report import load_runs, trials_table, write_paper_report
 
-        runs = load_runs(client, summary["experiment_id"], summary["parent_run_id"])
-        trials = trials_table(runs, sorted({k for t in summary["trials"] for k in t["config"]}))
-        written = write_paper_report(evaluation, params.report.output_dir, trials)
-        from study.atomic import atomic_write_text
-
-        summary_md = Path(params.report.output_dir) / "summary.md"
-        tables = [written[f"{name}.md"].read_text() for name in ("dorta_table1", "dorta_table2", "avae", "all_metrics")
-                  if f"{name}.md" in written]
-        atomic_write_text(summary_md, summary_md.read_text() + "\n## Test-set evaluation of the best trial per arm\n\n"
-                          + "\n".join(tables) + "\nFigures: `figures/`.\n")
-        print(f"paper tables and figures: {', '.join(sorted(written))}")
+            runs = load_runs(client, summary["experiment_id"], summary["parent_run_id"])
+            trials = trials_table(runs, sorted({k for t in summary["trials"] for k in t["config"]}))
+            written = write_paper_report(evaluation, staging, trials)
+            summary_md = staging / "summary.md"
+            tables = [written[f"{name}.md"].read_text()
+                      for name in ("dorta_table1", "dorta_table2", "avae", "all_metrics") if f"{name}.md" in written]
+            summary_md.write_text(summary_md.read_text() + "\n## Test-set evaluation of the best trial per arm\n\n"
+                                  + "\n".join(tables) + "\nFigures: `figures/`.\n")
+            print(f"paper tables and figures: {', '.join(sorted(written))}")
+        publish(staging, output_dir, REPORT_OUTPUTS)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     best = metrics.get("best", {})
-    print(f"report in {params.report.output_dir}/: {metrics['num_trials']} trials, best {best.get('setting')} "
+    print(f"report in {output_dir}/: {metrics['num_trials']} trials, best {best.get('setting')} "
           f"val_elbo {best.get('val_elbo', float('nan')):.1f} nats, val_mse_255 {best.get('val_mse_255', float('nan')):.1f}")
     return 0
 

@@ -1,12 +1,17 @@
 """DVC stage ``sweep`` (also the ``ray job submit`` entry point): Ray Tune + Optuna + ASHA / PBT, trials in MLflow.
 
 Re-running it after the driver was killed resumes the unfinished sweep when params.yaml is unchanged
-(``--no-resume`` starts afresh). Exit status: 0 done, 1 no trial finished or the tracking store is unreachable,
-2 invalid parameters.
+(``--no-resume`` starts afresh); re-running it after the same sweep finished rewrites its summary from MLflow.
+SIGTERM, Ctrl+C or the death of the process that started it (``dvc repro``) stop the sweep: its MLflow runs are
+marked KILLED (tag ``interrupted_at``) and a re-run resumes them. Exit status: 0 done; 1 no trial finished, the
+prepared data is modified, Ray did not start, the tracking store is unreachable, or another driver runs this
+sweep; 2 invalid parameters; 130 interrupted.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from pipelines.common import stage_arguments
@@ -18,6 +23,20 @@ def _options(parser) -> None:
                         help="start afresh even when an unfinished sweep with the same parameters can be resumed")
 
 
+def _stop_with_parent() -> None:
+    """SIGTERM -> the Ctrl+C path (Tune stops its trials, the runs are marked KILLED, the state kept for a
+    resume); and ask the kernel to send SIGTERM when the process that started this one dies (``dvc repro``
+    killed outright does not pass its signal on), so no orphaned driver trains on (Linux ``PR_SET_PDEATHSIG``)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, params = stage_arguments(argv, __doc__, _options)
     try:
@@ -25,12 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from study.sweep import run_sweep  # heavy (Ray); only after the params are known to be valid
+    _stop_with_parent()
+    from study.data.store import DataIntegrityError
+    from study.sweep import NoFinishedTrialError, run_sweep  # heavy (Ray); only after the params are valid
+    from study.sweep_ray import RayStartError
+    from study.sweep_state import SweepLockedError
     from study.tracking import TrackingUnavailableError
 
     try:
         summary = run_sweep(params, resume=not args.no_resume)
-    except TrackingUnavailableError as err:
+    except (TrackingUnavailableError, RayStartError, SweepLockedError, NoFinishedTrialError, DataIntegrityError,
+            FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
@@ -41,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         f"sweep {summary['sweep']}: {summary['num_trials']} trials, {summary['num_early_stopped']} stopped early "
         f"by the scheduler, {summary['num_failed']} failed; parent MLflow run {summary['parent_run_id']}"
     )
-    if not summary["best_per_variant"]:
-        print("error: no trial finished", file=sys.stderr)
-        return 1
     for variant, trial in summary["best_per_variant"].items():
         print(f"best {variant} trial {trial['trial_id']}: {trial['metric']} = {trial['metrics'][trial['metric']]:.2f} "
               f"with {trial['config']}")

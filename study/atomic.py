@@ -82,3 +82,40 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish(staging: str | Path, target: str | Path, names: tuple[str, ...]) -> None:
+    """Move the outputs built in ``staging`` into ``target``, each replaced whole, and remove the ones of
+    ``names`` that this run did not produce (so no file of an earlier run is left describing it).
+
+    Files move with one ``os.replace``; directories with two renames (the previous one under a ``.old-*`` name
+    until the new one is in place). ``staging`` must be on the same file system as ``target`` (e.g. a hidden
+    directory inside it); it is removed afterwards.
+
+    Args:
+        staging: a directory holding some of ``names``.
+        target: the output directory.
+        names: every output name this writer owns in ``target`` (files or directories).
+    """
+    staging, target = Path(staging), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        new, dst = staging / name, target / name
+        if not new.exists():
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            else:
+                dst.unlink(missing_ok=True)
+            continue
+        if new.is_dir():
+            old = None
+            if dst.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=target))
+                os.replace(dst, old / "previous")
+            os.replace(new, dst)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(new, dst)
+    _fsync_dir(target)
+    shutil.rmtree(staging, ignore_errors=True)

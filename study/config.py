@@ -511,6 +511,9 @@ class SweepConfig(_Strict):
     # Ray Tune's results (checkpoints, experiment state), relative to the working directory; an unfinished
     # sweep found here with the same parameters is resumed. On a multi-node cluster: a path every node mounts.
     storage_path: Path = Path("ray_results")
+    # How long the driver keeps trying to start (or join) Ray before it gives up with one clear line. Ray itself
+    # waits a fixed 30 s per attempt for its raylet; on a loaded machine a second attempt usually succeeds.
+    ray_start_timeout_s: float = Field(default=120.0, ge=0.0)
     output: Path = Path("results/sweep.json")
 
     @field_validator("num_trials")

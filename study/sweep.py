@@ -13,9 +13,20 @@ same budget, then the summary (best trial per arm and overall, Pareto front) in 
 - :mod:`study.sweep_state`: the state file that lets a re-run resume a sweep whose driver was killed.
 
 Failures:
-- A trial that raises (including a non-finite loss) or whose worker process or node dies is restarted from its
-  last checkpoint (one per epoch) up to ``sweep.max_failures`` times, in the same MLflow run; after that it is
-  an ERROR trial in Ray and a FAILED run in MLflow with ``failure_reason``, and the sweep goes on.
+- Before Ray starts: the prepared arrays are checked against their manifest's sha256
+  (:func:`study.data.store.verify_prepared`), a second live driver of the same sweep is refused (a lock on
+  ``<storage_path>/<name>.lock`` names the first one's PID), and Ray is given ``sweep.ray_start_timeout_s`` to come
+  up; the parent run and the state file are created only once it is up.
+- A trial whose worker process or node dies, or that raises, is restarted from its last checkpoint (one per
+  epoch) up to ``sweep.max_failures`` times, in the same MLflow run; an error a retry would only repeat (a
+  non-finite loss, modified data, a bad config) is raised again at once on the retry, without training. After
+  that it is an ERROR trial in Ray and a FAILED run in MLflow with ``failure_reason``, and the sweep goes on.
+- A sweep in which no trial finished ends its parent run FAILED and writes no summary
+  (:class:`NoFinishedTrialError`).
+- Interrupted (Ctrl+C, SIGTERM, or the death of the ``dvc repro`` that started it; ``pipelines/sweep.py``): the
+  parent run and its running trials are marked KILLED with ``interrupted_at``; a re-run resumes into them.
+- A re-run after the same sweep finished (same parameters digest) rewrites the summary from the parent run's
+  ``sweep_summary.json`` in MLflow instead of training again.
 - A killed driver: re-running the sweep finds the unfinished sweep's state file
   (``<storage_path>/<name>.sweep_state.json``: parent run id, parameter digest, finished arms) and, when the
   parameters are unchanged, reuses the parent run and continues the unfinished arm with ``Tuner.restore``:
@@ -37,15 +48,27 @@ from ray import tune
 
 from study.atomic import atomic_write_text
 from study.config import StudyParams
-from study.data.store import data_fingerprint
+from study.data.store import data_fingerprint, verify_prepared
 from study.likelihoods import family_elbo_valid
 from study.selection import select_best
 from study.sweep_callback import _TRACKERS, MlflowCallback
 from study.sweep_space import _param_space, _scheduler, _searcher, resolve_overrides
 from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
-from study.sweep_state import STATE_SUFFIX, _drop_orphans, _params_digest, _resumable_state, _save_state
+from study.sweep_state import (
+    STATE_SUFFIX,
+    _drop_orphans,
+    _params_digest,
+    _resumable_state,
+    _save_state,
+    acquire_lock,
+    finished_summary,
+)
 from study.sweep_trainable import _hooks_from_env, _trainable
 from study.tracking import SweepTracker, connect, tracking_uri
+
+
+class NoFinishedTrialError(RuntimeError):
+    """Every trial of the sweep failed: its parent run is FAILED and no summary was written."""
 
 
 def _error_line(error: BaseException) -> str:
@@ -147,7 +170,18 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
     arms = sweep.arms(base.likelihood.family)
     storage = (workdir / sweep.storage_path).resolve()
     state_path = storage / f"{sweep.name}{STATE_SUFFIX}"
+    lock = acquire_lock(storage, sweep.name)  # noqa: F841 - held until this process exits
     digest = _params_digest(params, fingerprint, uri)
+    if resume and (done := finished_summary(state_path, digest, client)) is not None:
+        # The same sweep already finished (its stage was stopped before DVC recorded it): write its summary again
+        # from MLflow rather than training it twice.
+        print(f"sweep {sweep.name} already finished with these parameters (parent run {done['parent_run_id']}): "
+              f"summary rewritten from MLflow, nothing trained (--no-resume trains afresh)", flush=True)
+        atomic_write_text(workdir / sweep.output, json.dumps(done, indent=2, default=str) + "\n")
+        return done
+    verify_prepared(data_dir)  # every array's sha256, before Ray starts: a modified array fails here, once
+    # Ray first: a sweep whose Ray never came up leaves no parent run or state file behind.
+    init_ray(start_timeout_s=sweep.ray_start_timeout_s)
     state = _resumable_state(state_path, digest, client, experiment_id) if resume else None
     resumed = state is not None
     experiment_dirs = {v: storage / (sweep.name if len(arms) == 1 else f"{sweep.name}-{v}") for v in arms}
@@ -161,7 +195,6 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
         tracker = SweepTracker(client, experiment_id, params, fingerprint, parent_run_id=state["parent_run_id"])
         print(f"resuming sweep {sweep.name} into parent run {tracker.parent_run_id} "
               f"({len(state['arms'])} of {len(arms)} arms finished)", flush=True)
-    _save_state(state_path, state)
     _TRACKERS[tracker.parent_run_id] = tracker
 
     resources = {
@@ -170,10 +203,10 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
     }
     relative_data = None if params.dataset_dir().is_absolute() else str(params.dataset_dir())
     hooks = _hooks_from_env()
-    init_ray()
     trials: list[dict[str, Any]] = []
     known_trials: set[str] = set()
     try:
+        _save_state(state_path, state)
         # One search per arm with the same budget, so arms are compared at equal tuning effort.
         for index, (variant, arm) in enumerate(arms.items()):
             arm_base = resolve_overrides(base, arm.overrides)
@@ -237,6 +270,9 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             _save_state(state_path, state)
         if resumed:
             _drop_orphans(tracker, known_trials)
+    except KeyboardInterrupt:
+        tracker.interrupt()  # parent and running trials KILLED, tagged interrupted_at; a re-run resumes them
+        raise
     except BaseException:
         tracker.finish_sweep("FAILED")
         raise
@@ -266,6 +302,14 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
         "pareto_front": _pareto_trials(trials, params) if sweep.objectives else [],
         "trials": trials,
     }
+    if not any(t["status"] == "FINISHED" for t in trials):
+        # Nothing to hand on: the parent run says FAILED and no summary is written that DVC would take as a result.
+        tracker.finish_sweep("FAILED", summary)
+        state["status"] = "failed"
+        _save_state(state_path, state)
+        reasons = sorted({t["error"] for t in trials if t["error"]})
+        raise NoFinishedTrialError(f"sweep {sweep.name}: none of its {len(trials)} trials finished "
+                                   f"(parent run {tracker.parent_run_id} FAILED); errors: {'; '.join(reasons)}")
     tracker.finish_sweep("FINISHED", summary)
     atomic_write_text(workdir / sweep.output, json.dumps(summary, indent=2, default=str) + "\n")
     state["status"] = "finished"

@@ -9,6 +9,7 @@ once, when it is first imported, so every sweep module imports this one before `
 from __future__ import annotations
 
 import os
+import time
 
 # Ray must not phone home or bind to the network interface: set before ray is imported anywhere (init_ray
 # re-applies the cluster and uv switches where ray was imported first).
@@ -29,15 +30,46 @@ def _is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+class RayStartError(RuntimeError):
+    """Ray did not come up within ``sweep.ray_start_timeout_s`` (the message names the cause and the setting)."""
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, start_timeout_s: float | None = None) -> None:
     """Start an embedded Ray on loopback, or join ``RAY_ADDRESS`` when it is set. Idempotent.
 
     The embedded Ray is always a new instance (``address="local"``), never a cluster some earlier ``ray start``
     left running on this machine, which a bare ``ray.init()`` would join. ``num_cpus`` / ``num_gpus`` override
     what Ray detects (None: detect); they apply to the embedded Ray only.
+
+    ``start_timeout_s``: how long to keep trying. Ray 2.60 gives its raylet a fixed 30 s to register with the GCS
+    (``ray._private.node``, not configurable), which a loaded machine can miss; a failed attempt is shut down and
+    retried until ``start_timeout_s`` has passed (None: one attempt).
+
+    Raises:
+        RayStartError: Ray could not be started or joined in time; one line naming Ray's reason and the setting.
     """
     if ray.is_initialized():
         return
+    deadline = time.monotonic() + (start_timeout_s or 0.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            _init_once(num_cpus, num_gpus)
+            return
+        except Exception as err:  # Ray raises a bare Exception for its start-up timeout
+            ray.shutdown()
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if time.monotonic() >= deadline:
+                where = os.environ.get("RAY_ADDRESS") or "an embedded Ray on 127.0.0.1"
+                raise RayStartError(
+                    f"could not start {where} after {attempt} attempt(s) in {start_timeout_s or 0:g} s: {reason} "
+                    "(raise sweep.ray_start_timeout_s in params.yaml on a loaded machine)"
+                ) from None
+            print(f"Ray did not start ({reason}); retrying", flush=True)
+
+
+def _init_once(num_cpus: int | None, num_gpus: int | None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     from ray._private import ray_constants
 

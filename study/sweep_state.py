@@ -27,7 +27,7 @@ def _params_digest(params: StudyParams, fingerprint: str, uri: str) -> str:
     dump = params.model_dump(mode="json")
     key = {
         "model": dump["model"], "likelihood": dump["likelihood"], "train": dump["train"],
-        "sweep": {k: v for k, v in dump["sweep"].items() if k != "output"},
+        "sweep": {k: v for k, v in dump["sweep"].items() if k not in ("output", "ray_start_timeout_s")},
         "experiment": dump["tracking"]["experiment"], "tracking_uri": uri, "data": fingerprint,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -78,3 +78,66 @@ def _drop_orphans(tracker: SweepTracker, known: set[str]) -> None:
 def _save_state(state_path: Path, state: dict[str, Any]) -> None:
     """Write the sweep's state file atomically (a killed driver leaves the previous version, never half a file)."""
     atomic_write_text(state_path, json.dumps(state, indent=2, default=str) + "\n")
+
+
+class SweepLockedError(RuntimeError):
+    """Another live driver holds this sweep's lock (the message names its PID)."""
+
+
+def acquire_lock(storage: Path, name: str):
+    """Hold ``<storage>/<name>.lock`` for the life of this process (``fcntl.flock``), so two drivers never share one
+    sweep's Ray results and state file. The kernel drops the lock when the holder dies, however it dies, so a
+    killed driver never leaves a stale lock. Returns the open lock file (keep a reference to it).
+
+    Raises:
+        SweepLockedError: a live process holds it; the message names its PID.
+    """
+    import fcntl
+    import os
+
+    storage.mkdir(parents=True, exist_ok=True)
+    path = storage / f"{name}.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SweepLockedError(
+            f"sweep {name!r} is already running in process {holder} (lock {path}); wait for it to finish or stop "
+            f"it (kill {holder}) before running the sweep again"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def finished_summary(state_path: Path, digest: str, client) -> dict[str, Any] | None:
+    """The summary of a sweep that already finished with these parameters, read back from its MLflow parent run
+    (``sweep_summary.json``), or None (no such sweep, other parameters, or its runs are gone from MLflow).
+
+    A stage that is re-run after its sweep finished but before DVC recorded it (e.g. ``dvc repro`` stopped while
+    the sweep was ending) rewrites the summary from this instead of training the same sweep again.
+    """
+    import tempfile
+
+    if not state_path.is_file():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if state.get("status") != "finished" or state.get("params_digest") != digest:
+        return None
+    try:
+        run = client.get_run(state["parent_run_id"])
+        if run.info.status != "FINISHED" or run.info.lifecycle_stage != "active":
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(state["parent_run_id"], "sweep_summary.json", tmp)
+            return json.loads(Path(path).read_text())
+    except Exception:  # the run or its artifact is gone: train afresh
+        return None

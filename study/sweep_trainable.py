@@ -44,6 +44,20 @@ HOOK_ENV = {
 }
 
 
+#: A failed trial's record of an error that a retry would only repeat (see :func:`_deterministic_errors`).
+DETERMINISTIC_MARKER = "deterministic_failure.json"
+
+
+def _deterministic_errors() -> dict[str, type[BaseException]]:
+    """Errors a retry of the same trial would raise again: the prepared data missing or modified, a bad config,
+    a non-finite loss (the retry starts from the same checkpoint with the same seed)."""
+    from study.config import ConfigError
+    from study.data.store import DataIntegrityError
+    from study.train import NonFiniteLossError
+
+    return {cls.__name__: cls for cls in (NonFiniteLossError, DataIntegrityError, ConfigError, FileNotFoundError)}
+
+
 def _hooks_from_env() -> dict[str, str]:
     """The test hooks set in the driver's environment (see the module docstring)."""
     return {name: os.environ[var] for name, var in HOOK_ENV.items() if os.environ.get(var)}
@@ -121,6 +135,14 @@ def _trainable(
         if sleep:
             time.sleep(sleep)
 
+    # Ray's FailureConfig retries every error; one that would only happen again (bad data or config, a
+    # diverged loss from the same checkpoint) is recorded on its first occurrence and raised again at once on the
+    # retry, so retries are spent on lost workers and nodes, not on training the same failure twice.
+    marker = Path(context.get_trial_dir()) / DETERMINISTIC_MARKER
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        raise _deterministic_errors()[recorded["type"]](recorded["message"])
+
     # A restarted trial (lost worker, resumed sweep, PBT exploit) continues from its checkpoint's epoch.
     checkpoint = tune.get_checkpoint()
     with (
@@ -132,4 +154,8 @@ def _trainable(
             done = int(json.loads(saved.read_text()).get("epoch", 0)) if saved and saved.is_file() else 0
             progress |= {"start_epoch": done, "epoch": done}
             _write_progress(hooks["pid_dir"], trial_id, progress)
-        run_trial(trial_config, report, workdir=workdir, resume_from=resume_from)
+        try:
+            run_trial(trial_config, report, workdir=workdir, resume_from=resume_from)
+        except tuple(_deterministic_errors().values()) as err:
+            atomic_write_text(marker, json.dumps({"type": type(err).__name__, "message": str(err)}))
+            raise

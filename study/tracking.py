@@ -292,6 +292,24 @@ class SweepTracker:
             self.client.log_artifact(run_id, str(Path(tmp) / "state.pt"), "checkpoint")
             self.client.log_artifact(run_id, str(Path(tmp) / "config.yaml"), "checkpoint")
 
+    def interrupt(self) -> None:
+        """The driver is stopping before the sweep finished (SIGINT / SIGTERM, or the process that started it died):
+        the parent run and its still-RUNNING trials become KILLED, tagged ``interrupted_at`` (UTC, ISO 8601) and
+        ``resume`` (how to continue). Re-running the sweep with the same parameters sets them RUNNING again and
+        continues in the same runs."""
+        from datetime import datetime, timezone
+
+        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        hint = "re-run the sweep stage with the same params.yaml (uv run dvc repro) to resume into these runs"
+        running = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=10000,
+        )
+        for run_id in [r.info.run_id for r in running] + [self.parent_run_id]:
+            self.client.log_batch(run_id, tags=[RunTag("interrupted_at", when), RunTag("resume", hint)])
+            self.client.set_terminated(run_id, status="KILLED")
+
     def finish_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
         if summary:
             self.client.log_dict(self.parent_run_id, summary, "sweep_summary.json")

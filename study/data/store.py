@@ -104,13 +104,40 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True) -> np.ndar
     if not path.is_file():
         raise DataIntegrityError(f"{path} is listed in the manifest but missing; re-run `uv run dvc repro`")
     if verify:
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise DataIntegrityError(
-                f"{path}: sha256 {digest[:12]}... does not match the manifest ({entry['sha256'][:12]}...); "
-                "the prepared data was modified. Re-create it with `uv run dvc repro --force prepare`."
-            )
+        _check_digest(path, entry["sha256"])
     arr = np.load(path, allow_pickle=False)
     if list(arr.shape) != entry["shape"] or str(arr.dtype) != entry["dtype"]:
         raise DataIntegrityError(f"{path}: shape/dtype {arr.shape}/{arr.dtype} differ from the manifest")
     return arr
+
+
+def verify_prepared(data_dir: str | Path) -> dict[str, Any]:
+    """Check every array of a prepared directory against its manifest (presence, sha256) without loading it.
+
+    The sweep's driver calls this before it starts Ray, so a modified or truncated array fails the sweep at once
+    with the file named, instead of failing every trial on its worker.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        FileNotFoundError: no manifest.
+        DataIntegrityError: an array is missing or its bytes differ from the manifest's sha256.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    for split, entry in manifest["splits"].items():
+        path = data_dir / entry["file"]
+        if not path.is_file():
+            raise DataIntegrityError(f"{path} is listed in the manifest but missing; re-run `uv run dvc repro`")
+        _check_digest(path, entry["sha256"])
+    return manifest
+
+
+def _check_digest(path: Path, expected: str) -> None:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise DataIntegrityError(
+            f"{path}: sha256 {digest[:12]}... does not match the manifest ({expected[:12]}...); "
+            "the prepared data was modified. Re-create it with `uv run dvc repro --force prepare`."
+        )
