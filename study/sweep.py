@@ -47,12 +47,12 @@ from study.sweep_ray import init_ray, node_addresses  # first: it sets Ray's env
 from ray import tune
 
 from study.atomic import atomic_write_text
-from study.config import StudyParams
+from study.config import StudyParams, TrialConfig
 from study.data.store import data_fingerprint, verify_prepared
-from study.likelihoods import family_elbo_valid
+from study.likelihoods import family_elbo_valid, trial_elbo_valid
 from study.selection import select_best
 from study.sweep_callback import _TRACKERS, MlflowCallback
-from study.sweep_space import _param_space, _scheduler, _searcher, resolve_overrides
+from study.sweep_space import _overrides, _param_space, _scheduler, _searcher, resolve_overrides
 from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
 from study.sweep_state import (
     STATE_SUFFIX,
@@ -78,17 +78,21 @@ def _error_line(error: BaseException) -> str:
 
 
 def _collect(results, tracker: SweepTracker, variant: str, family: str, metric: str, mode: str, *,
-             elbo_valid: bool, max_epochs: int) -> list[dict[str, Any]]:
+             arm_base: TrialConfig | None = None, max_epochs: int) -> list[dict[str, Any]]:
     """One summary record per Ray result of an arm (the trial fields of ``results/sweep.json``).
 
-    ``elbo_valid``: whether the arm's reconstruction term is a normalised density; ``max_epochs``: the arm's own
-    ``train.epochs`` (a trial that ran fewer was stopped early), unless the trial sampled ``train.epochs`` itself.
+    ``arm_base``: the arm's trial config; with each trial's sampled values it says whether that trial's
+    reconstruction term is a normalised density (``elbo_valid``: e.g. the blur family only with the sampled
+    ``estimator: network``; None: the family's defaults). ``max_epochs``: the arm's own ``train.epochs`` (a trial
+    that ran fewer was stopped early), unless the trial sampled ``train.epochs`` itself.
     """
     trials = []
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         config = dict(result.config or {})
+        elbo_valid = (trial_elbo_valid(resolve_overrides(arm_base, _overrides(config))) if arm_base is not None
+                      else family_elbo_valid(family))
         trials.append(
             {
                 "trial_id": trial_id,
@@ -262,8 +266,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             if results.num_terminated + results.num_errors < len(results):  # Ctrl+C: Tune returns early
                 raise KeyboardInterrupt(f"sweep {sweep.name} interrupted with unfinished trials: run it again "
                                         "to resume them")
-            arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode,
-                                  elbo_valid=family_elbo_valid(arm_base.family), max_epochs=arm_epochs)
+            arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode, arm_base=arm_base,
+                                  max_epochs=arm_epochs)
             trials += arm_trials
             known_trials |= {t["trial_id"] for t in arm_trials}
             state["arms"][variant] = {"status": "finished", "trials": arm_trials}

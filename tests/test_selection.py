@@ -116,10 +116,9 @@ def test_collect_records_an_exception_with_an_empty_message(tmp_path):
 
     result = Result(metrics={"trial_id": "t1", "epoch": 1}, checkpoint=None, error=RuntimeError(),
                     path=str(tmp_path / "t1"))
-    (record,) = _collect([result], Tracker(), "gaussian", "gaussian", "val_elbo", "max", elbo_valid=True,
-                         max_epochs=3)
+    (record,) = _collect([result], Tracker(), "gaussian", "gaussian", "val_elbo", "max", max_epochs=3)
     assert record["status"] == "FAILED" and record["error"] == "RuntimeError"
-    assert record["max_epochs"] == 3 and record["epochs"] == 1
+    assert record["max_epochs"] == 3 and record["epochs"] == 1 and record["elbo_valid"] is True
 
 
 def test_asha_horizon_is_the_arms_own_epochs():
@@ -130,3 +129,23 @@ def test_asha_horizon_is_the_arms_own_epochs():
     assert _scheduler(params, "val_elbo", "max")._max_t == 10
     short = _scheduler(params, "val_elbo", "max", max_epochs=3)
     assert short._max_t == 3
+
+
+@pytest.mark.parametrize(("estimator", "valid"), [("network", True), ("wiener_ls", False)])
+def test_collect_tags_each_trial_by_its_sampled_estimator(tmp_path, estimator, valid):
+    """A blur arm that searches the estimator: only its network-kernel trials are densities (ranked by ELBO)."""
+    from ray.tune import Result
+
+    from study.config import parse_params
+    from study.sweep import _collect
+
+    class Tracker:
+        def run_id(self, trial_id):
+            return f"run-{trial_id}"
+
+    arm_base = parse_params({"likelihood": {"family": "blur"}}).base_trial_config()
+    result = Result(metrics={"trial_id": "t1", "epoch": 3, "val_elbo": 1.0}, checkpoint=None, error=None,
+                    path=str(tmp_path / "t1"), config={"likelihood.blur.estimator": estimator})
+    (record,) = _collect([result], Tracker(), "blur", "blur", "val_elbo", "max", arm_base=arm_base, max_epochs=3)
+    assert record["elbo_valid"] is valid
+    assert (select_best([record], "val_elbo", "max") is not None) is valid
