@@ -41,7 +41,6 @@ Outputs under ``--out`` (default ``$OUT``, else ``benchmarks/results/gpu_check``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
