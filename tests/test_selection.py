@@ -144,8 +144,10 @@ def test_collect_tags_each_trial_by_its_sampled_estimator(tmp_path, estimator, v
             return f"run-{trial_id}"
 
     arm_base = parse_params({"likelihood": {"family": "blur"}}).base_trial_config()
-    result = Result(metrics={"trial_id": "t1", "epoch": 3, "val_elbo": 1.0}, checkpoint=None, error=None,
-                    path=str(tmp_path / "t1"), config={"likelihood.blur.estimator": estimator})
+    result = Result(metrics={"trial_id": "t1", "epoch": 3, "val_elbo": 1.0,
+                             "config": {"likelihood.blur.estimator": estimator}},
+                    checkpoint=None, error=None, path=str(tmp_path / "t1"))
+    assert result.config == {"likelihood.blur.estimator": estimator}
     (record,) = _collect([result], Tracker(), "blur", "blur", "val_elbo", "max", arm_base=arm_base, max_epochs=3)
     assert record["elbo_valid"] is valid
     assert (select_best([record], "val_elbo", "max") is not None) is valid
