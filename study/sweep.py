@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,34 @@ from study.sweep_state import (
 )
 from study.sweep_trainable import _hooks_from_env, _trainable
 from study.tracking import SweepTracker, connect, tracking_uri
+
+
+def _fit(tuner) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether a stop signal ended it early (Ctrl+C, or SIGTERM, which the sweep stage turns
+    into SIGINT).
+
+    Tune installs its own SIGINT handler for the run and puts back the handler it found only when a stop signal
+    arrives (``ray.tune.tune._setup_signal_catching``); with a marker handler installed before the run, finding it
+    again afterwards means the run was interrupted. Trials Tune stopped that way can look finished in the
+    ResultGrid, so its counts alone do not tell. (Checked by tests/test_sweep_faults.py on the Ray version of the
+    lock file.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        results = tuner.fit()
+        return results, results.num_terminated + results.num_errors < len(results)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def marker(signum, frame):  # a second Ctrl+C once Tune has handed SIGINT back: stop at once
+        signal.signal(signal.SIGINT, previous)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, marker)
+    try:
+        results = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return results, interrupted or results.num_terminated + results.num_errors < len(results)
 
 
 class NoFinishedTrialError(RuntimeError):
@@ -262,8 +292,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                         verbose=0,  # one line per finished trial comes from MlflowCallback instead
                     ),
                 )
-            results = tuner.fit()
-            if results.num_terminated + results.num_errors < len(results):  # Ctrl+C: Tune returns early
+            results, interrupted = _fit(tuner)
+            if interrupted:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
                 raise KeyboardInterrupt(f"sweep {sweep.name} interrupted with unfinished trials: run it again "
                                         "to resume them")
             arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode, arm_base=arm_base,

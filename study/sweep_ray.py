@@ -9,6 +9,8 @@ once, when it is first imported, so every sweep module imports this one before `
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 # Ray must not phone home or bind to the network interface: set before ray is imported anywhere (init_ray
@@ -54,8 +56,13 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, start_tim
     attempt = 0
     while True:
         attempt += 1
+        # Ray installs a SIGTERM handler of its own (a crash logger that then exits); keep the caller's, so a
+        # stage that turns SIGTERM into an orderly stop (pipelines/sweep.py) still does.
+        caller_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
             _init_once(num_cpus, num_gpus)
+            if callable(caller_sigterm):
+                signal.signal(signal.SIGTERM, caller_sigterm)
             return
         except Exception as err:  # Ray raises a bare Exception for its start-up timeout
             ray.shutdown()
