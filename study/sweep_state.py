@@ -33,16 +33,21 @@ def _params_digest(params: StudyParams, fingerprint: str, uri: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resumable_state(state_path: Path, digest: str, client, experiment_id: str) -> dict[str, Any] | None:
-    """The saved state of an unfinished sweep with the same parameters, else None (a fresh sweep; an
-    unfinished one with other parameters is closed in MLflow first)."""
+def _read_state(state_path: Path) -> dict[str, Any] | None:
+    """The saved sweep state, or None when there is none or it is unreadable (then the sweep starts afresh)."""
     if not state_path.is_file():
         return None
     try:
-        state = json.loads(state_path.read_text())
+        return json.loads(state_path.read_text())
     except json.JSONDecodeError:
         return None
-    if state.get("status") == "finished":
+
+
+def _resumable_state(state_path: Path, digest: str, client, experiment_id: str) -> dict[str, Any] | None:
+    """The saved state of an unfinished sweep with the same parameters, else None (a fresh sweep; an
+    unfinished one with other parameters is closed in MLflow first)."""
+    state = _read_state(state_path)
+    if state is None or state.get("status") == "finished":
         return None
     if state.get("params_digest") != digest:
         print(f"an unfinished sweep in {state_path.parent} had other parameters: starting afresh "
@@ -124,13 +129,8 @@ def finished_summary(state_path: Path, digest: str, client) -> dict[str, Any] | 
     """
     import tempfile
 
-    if not state_path.is_file():
-        return None
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if state.get("status") != "finished" or state.get("params_digest") != digest:
+    state = _read_state(state_path)
+    if state is None or state.get("status") != "finished" or state.get("params_digest") != digest:
         return None
     try:
         run = client.get_run(state["parent_run_id"])

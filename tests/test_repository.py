@@ -124,16 +124,17 @@ def test_no_tracked_file_points_outside_the_repository():
 
 # The offending strings are assembled from pieces so that this file does not contain them itself.
 _W, _R, _S = "/" + "work", "/" + "root", "SP" + "EC"
+_EX_SHARED, _EX_HOME, _EX_UP = "sha" + "red", "ho" + "me", "." + "."
 
 
 @pytest.mark.parametrize(
     "line",
     [
-        f'CELEBA = Path("{_W}/shared/data/celeba-sample/img_align_celeba")',
+        f'CELEBA = Path("{_W}/{_EX_SHARED}/data/celeba-sample/img_align_celeba")',
         f"see {_R}/.cache/x",
         f"cd {_W} && make",
-        "    data = Path('/" + "home/alice/celeba')",
-        'pytest.skip("..' + '/shared/data/list.txt is not beside the repository")',
+        f"    data = Path('/{_EX_HOME}/alice/celeba')",
+        f'pytest.skip("{_EX_UP}/{_EX_SHARED}/data/list.txt is not beside the repository")',
         'SHARED_DATA = REPO.par' + 'ent / "shared" / "data"',
         f"# Asperti's variance loss, the formula of {_S} 4.1",
         f'"""Larsen et al. 2016\'s crop ({_S} §3.3)."""',
