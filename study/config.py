@@ -177,6 +177,10 @@ class ModelConfig(_Strict):
     # Channels of the first encoder block; doubled at every halving of the spatial size (DCGAN uses 64).
     width: int = Field(default=32, ge=4)
     avae: AVAEConfig = AVAEConfig()
+    # The control of studies/reproduce (study.models.frozen_mean): a checkpoint directory of a trained Gaussian VAE
+    # whose q(z | x) and mean are kept fixed while only the structured precision is learned, or "arm:<name>", the
+    # selected trial of an earlier arm of the same sweep (resolved by the sweep driver). Structured family only.
+    frozen_mean_checkpoint: str | None = None
 
 
 class GaussianLikelihoodConfig(_Strict):
@@ -359,6 +363,14 @@ class TrialConfig(_Strict):
     model: ModelConfig = ModelConfig()
     likelihood: LikelihoodConfig = LikelihoodConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _frozen_mean_needs_structured(self) -> "TrialConfig":
+        if self.model.frozen_mean_checkpoint is not None and (
+                self.model.kind != "vae" or self.likelihood.family != "structured"):
+            raise ValueError("model.frozen_mean_checkpoint (the frozen-mean control) needs model.kind vae and "
+                             f"likelihood.family structured, got {self.model.kind} / {self.likelihood.family}")
+        return self
 
     @property
     def family(self) -> str:
@@ -595,6 +607,9 @@ class EvaluateConfig(_Strict):
 
 class ReportConfig(_Strict):
     output_dir: Path = Path("reports")
+    # The arm every other arm is compared with, image by image, in the seed-replicate report (paired NLL / MSE
+    # differences). null: the first arm whose family is gaussian. A name must be one of the sweep's arms.
+    baseline: str | None = None
 
 
 class StudyParams(_Strict):
@@ -615,6 +630,13 @@ class StudyParams(_Strict):
     def _dataset_is_listed(self) -> "StudyParams":
         if self.sweep.dataset not in self.datasets:
             raise ValueError(f"sweep.dataset {self.sweep.dataset!r} is not one of datasets: {sorted(self.datasets)}")
+        return self
+
+    @model_validator(mode="after")
+    def _baseline_is_an_arm(self) -> "StudyParams":
+        arms = self.sweep.arms(self.likelihood.family)
+        if self.report.baseline is not None and self.report.baseline not in arms:
+            raise ValueError(f"report.baseline {self.report.baseline!r} is not one of the sweep's arms: {sorted(arms)}")
         return self
 
     @model_validator(mode="after")

@@ -94,7 +94,15 @@ def build_model(
     likelihood = build_likelihood(
         config.likelihood, color=color, chroma_factor=chroma_factor, latent_dim=config.model.latent_dim
     )
-    return VAE(
+    if config.model.frozen_mean_checkpoint is not None:
+        if color == "ycbcr":  # the YCbCr wrapper interleaves luma and chroma parameters differently
+            raise ValueError("model.frozen_mean_checkpoint is implemented for rgb and grey data, not ycbcr")
+        from study.models.frozen_mean import FrozenMeanVAE
+
+        model_class = FrozenMeanVAE
+    else:
+        model_class = VAE
+    return model_class(
         likelihood,
         image_channels=channels,
         resolution=height,
@@ -286,6 +294,23 @@ def training_step(
     return StepResult(terms=terms, loss=loss, mean=mean)
 
 
+def _frozen_mean_model(checkpoint: str, device: torch.device) -> VAE:
+    """The trained Gaussian VAE a frozen-mean control starts from (``model.frozen_mean_checkpoint``).
+
+    Raises:
+        ValueError: an unresolved ``arm:<name>`` reference (only a sweep resolves those), or the checkpoint is
+            not a Gaussian VAE.
+        FileNotFoundError: the directory holds no checkpoint.
+    """
+    if checkpoint.startswith("arm:"):
+        raise ValueError(f"model.frozen_mean_checkpoint {checkpoint!r} names a sweep arm: run it inside a sweep "
+                         "(which resolves it to that arm's selected trial) or give a checkpoint directory")
+    base_config, base, _ = load_checkpoint(checkpoint, device)
+    if base_config.model.kind != "vae" or base_config.likelihood.family != "gaussian":
+        raise ValueError(f"{checkpoint} is a {base_config.family} model; the frozen mean must be a Gaussian VAE's")
+    return base
+
+
 def run_trial(
     config: TrialConfig,
     report: ReportFn | None = None,
@@ -326,11 +351,14 @@ def run_trial(
     train = DeviceSplit(config.data_dir, "train", device)
     val = DeviceSplit(config.data_dir, "val", device)
     model = build_model(config, train.image_shape, train.color, train.chroma_factor).to(device)
+    if config.model.frozen_mean_checkpoint is not None and resume_from is None:
+        model.load_mean_model(_frozen_mean_model(config.model.frozen_mean_checkpoint, device))
     speed = SpeedOptions.from_train_config(train_cfg)
     prepare_model(model, speed)  # in place: NHWC weights / lazy torch.compile; state-dict keys unchanged
     likelihood = model.likelihood
     auxiliary_params = {id(p) for p in likelihood.auxiliary_parameters()}
-    optimiser = torch.optim.Adam([p for p in model.parameters() if id(p) not in auxiliary_params], lr=train_cfg.lr)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if id(p) not in auxiliary_params and p.requires_grad],
+                                 lr=train_cfg.lr)
     auxiliary = (
         torch.optim.Adam(likelihood.auxiliary_parameters(), lr=train_cfg.lr) if auxiliary_params else None
     )
