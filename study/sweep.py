@@ -54,7 +54,8 @@ from study.data.store import data_fingerprint, verify_prepared
 from study.likelihoods import family_elbo_valid, trial_elbo_valid
 from study.selection import select_best
 from study.sweep_callback import _TRACKERS, MlflowCallback
-from study.sweep_space import _overrides, _param_space, _scheduler, _searcher, resolve_overrides
+from study.sweep_references import check_references, referenced_arms, resolve_references
+from study.sweep_space import _overrides, _param_space, _scheduler, _searcher, optuna_storage, resolve_overrides
 from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
 from study.sweep_state import (
     STATE_SUFFIX,
@@ -66,6 +67,7 @@ from study.sweep_state import (
     finished_summary,
 )
 from study.sweep_trainable import _hooks_from_env, _trainable
+from study.system_metrics import monitor_settings
 from study.tracking import SweepTracker, connect, tracking_uri
 
 
@@ -202,6 +204,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
 
     base = params.base_trial_config().model_copy(update={"data_dir": data_dir})
     arms = sweep.arms(base.likelihood.family)
+    check_references(list(arms), {name: arm.overrides for name, arm in arms.items()})
     storage = (workdir / sweep.storage_path).resolve()
     state_path = storage / f"{sweep.name}{STATE_SUFFIX}"
     lock = acquire_lock(storage, sweep.name)  # noqa: F841 - held until this process exits
@@ -237,12 +240,19 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
     }
     relative_data = None if params.dataset_dir().is_absolute() else str(params.dataset_dir())
     hooks = _hooks_from_env()
+    # Trials sample their node's MLflow system metrics into their own runs (tracking.system_metrics).
+    system_metrics = monitor_settings(params.tracking, tracker.parent_run_id, experiment_id, Path.cwd())
+    # One Optuna study per arm in sweep.searcher.storage (in memory when null), named <sweep>-<arm>.
+    studies = optuna_storage(sweep.searcher.storage, workdir)
     trials: list[dict[str, Any]] = []
     known_trials: set[str] = set()
     try:
         _save_state(state_path, state)
         # One search per arm with the same budget, so arms are compared at equal tuning effort.
         for index, (variant, arm) in enumerate(arms.items()):
+            if referenced_arms(arm.overrides):  # e.g. the frozen-mean control on the Gaussian arm's selected model
+                arm = arms[variant] = arm.model_copy(update={"overrides": resolve_references(
+                    arm.overrides, trials, client, storage / f"{sweep.name}.references")})
             arm_base = resolve_overrides(base, arm.overrides)
             metric, mode = arm.metric or sweep.metric, arm.mode or sweep.mode
             if state["arms"].get(variant, {}).get("status") == "finished":
@@ -252,7 +262,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             trainable = tune.with_resources(
                 tune.with_parameters(
                     _trainable, base=arm_base.model_dump(mode="json"), data_dir_relative=relative_data,
-                    data_sha256=fingerprint, hooks=hooks,
+                    data_sha256=fingerprint, hooks=hooks, system_metrics=system_metrics,
                 ),
                 resources,
             )
@@ -274,7 +284,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                     trainable,
                     param_space=_param_space(params),
                     tune_config=tune.TuneConfig(
-                        search_alg=_searcher(params, arm_base, metric, mode, seed_offset=index),
+                        search_alg=_searcher(params, arm_base, metric, mode, seed_offset=index,
+                                             study_name=f"{sweep.name}-{variant}", storage=studies),
                         scheduler=_scheduler(params, metric, mode, max_epochs=arm_epochs),
                         num_samples=sweep.num_trials,
                         max_concurrent_trials=None if sweep.searcher.kind == "random" else sweep.max_concurrent,
