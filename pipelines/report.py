@@ -1,7 +1,13 @@
-"""DVC stage ``report``: the sweep's MLflow runs -> ``reports/`` tables, metrics.json and figures."""
+"""DVC stage ``report``: the sweep's MLflow runs -> ``reports/`` tables, metrics.json and figures.
+
+With seed replicates in the evaluation, the tables give each metric as mean +- 95% CI over seeds,
+``tables/paired_comparisons`` compares every arm with ``report.baseline`` image by image, and ``metrics.json``
+gets a ``replicates`` block (per-arm intervals and the paired comparisons).
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -38,13 +44,22 @@ def main(argv: list[str] | None = None) -> int:
 
             runs = load_runs(client, summary["experiment_id"], summary["parent_run_id"])
             trials = trials_table(runs, sorted({k for t in summary["trials"] for k in t["config"]}))
-            written = write_paper_report(evaluation, staging, trials)
+            written = write_paper_report(evaluation, staging, trials, baseline=params.report.baseline)
             summary_md = staging / "summary.md"
             tables = [written[f"{name}.md"].read_text()
-                      for name in ("dorta_table1", "dorta_table2", "avae", "all_metrics") if f"{name}.md" in written]
-            summary_md.write_text(summary_md.read_text() + "\n## Test-set evaluation of the best trial per arm\n\n"
+                      for name in ("dorta_table1", "dorta_table2", "avae", "all_metrics", "paired_comparisons")
+                      if f"{name}.md" in written]
+            heading = "Test-set evaluation of the best trial per arm" + (
+                " and of its seed replicates" if "paired_comparisons.md" in written else "")
+            summary_md.write_text(summary_md.read_text() + f"\n## {heading}\n\n"
                                   + "\n".join(tables) + "\nFigures: `figures/`.\n")
             print(f"paper tables and figures: {', '.join(sorted(written))}")
+            from study.report_replicates import load_evaluation, replicate_metrics
+
+            block = replicate_metrics(*load_evaluation(evaluation), baseline=params.report.baseline)
+            if block is not None:
+                metrics["replicates"] = block
+                (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         publish(staging, output_dir, REPORT_OUTPUTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

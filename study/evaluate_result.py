@@ -80,6 +80,18 @@ class EvaluationResult:
             settings=dict(raw.get("settings", {})),
         )
 
+    def per_image_arrays(self) -> dict[str, np.ndarray]:
+        """The per-image table as arrays for paired tests: column name -> float64 (N,), image i of every array the
+        i-th evaluated image (input order).
+
+        Always present: ``mse`` and ``mse_255`` (MSE of the clamped reconstruction per pixel on [0, 1] and on
+        [0, 255], in pixel space: RGB against the pre-conversion RGB for YCbCr data, as the aggregate
+        ``<prefix>_mse_255`` is), ``psnr`` (dB); for a normalised density also ``nll`` (IWAE bound, Burda et al.
+        2016, nats per image), ``nll_bits_per_dim``, ``elbo``, ``kl`` (nats). The mean of each array over images
+        is the aggregate metric ``<prefix>_<name>`` (:func:`study.evaluate_metrics.summarise`).
+        """
+        return {str(col): self.per_image[col].to_numpy(dtype=np.float64) for col in self.per_image.columns}
+
     def to_row(self) -> dict[str, Any]:
         """One row for :mod:`study.report_tables`: every metric (NaN where unavailable) plus ``elbo_valid``."""
         row: dict[str, Any] = dict(self.metrics)

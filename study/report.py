@@ -14,8 +14,9 @@ files), so the report agrees with what ``mlflow ui`` shows. Outputs (all written
   trial dominates on both objectives (also a section of ``summary.md``), and ``figures/pareto_objectives.png``,
   every trial in the objectives' plane with that front;
 - with an ``evaluate`` stage's results (:func:`write_paper_report`): ``tables/`` (Dorta et al. Table 1: NLL,
-  avg KL, MI, marginal KL; Table 2: MSE on [0, 255] mean +- std; the AVAE table: MSE, LPIPS, FID; all metrics)
-  as Markdown and CSV, and ``figures/``: input / reconstruction / sample grids of every arm side by side,
+  avg KL, MI, marginal KL; Table 2: MSE on [0, 255] mean +- std; the AVAE table: MSE, LPIPS, FID; all metrics;
+  with seed replicates every metric as mean +- 95% CI over seeds, and ``paired_comparisons``: each arm against
+  the baseline arm, image by image) as Markdown and CSV, and ``figures/``: input / reconstruction / sample grids of every arm side by side,
   residual maps, MSE against sharpness for all trials with the Pareto front, and variance loss against MSE
   for all trials (Asperti 2020).
 """
@@ -328,22 +329,32 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
     return metrics
 
 
-def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trials: pd.DataFrame) -> dict[str, Path]:
+def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trials: pd.DataFrame,
+                       baseline: str | None = None) -> dict[str, Path]:
     """Paper-style tables and figures from an ``evaluate`` stage's outputs and the sweep's trials table.
 
+    With seed replicates in the evaluation (its ``replicates`` block and ``per_image.npz``), every table cell is
+    the mean +- 95% Student-t interval over the arm's seeds (the selected trial's spread over test images kept
+    beside it; :mod:`study.report_tables`), and ``tables/paired_comparisons`` compares each arm with the
+    ``baseline`` arm image by image (:mod:`study.report_replicates`).
+
     Args:
-        evaluation_dir: holds ``summary.json`` (per arm: run id, family, elbo_valid, metrics) and
-            ``examples.npz`` (``<arm>/input``, ``<arm>/reconstruction``, ``<arm>/sample``: float (n, H, W, 3)).
+        evaluation_dir: holds ``summary.json`` (per arm: run id, family, elbo_valid, metrics; optionally
+            ``replicates``), ``examples.npz`` (``<arm>/input``, ``<arm>/reconstruction``, ``<arm>/sample``: float
+            (n, H, W, 3)) and, with replicates, ``per_image.npz``.
         output_dir: ``tables/`` and ``figures/`` are written there.
         trials: :func:`trials_table` of every trial (validation metrics, for the all-trials plots).
+        baseline: ``report.baseline``, the arm of the paired comparisons (None: the first Gaussian arm).
 
     Returns:
         name -> path of every file written.
     """
     import numpy as np
 
+    from study.report_replicates import has_replicates, load_evaluation, paired_comparisons, paired_table, seed_summaries
+
     evaluation_dir, output_dir = Path(evaluation_dir), Path(output_dir)
-    evaluation = json.loads((evaluation_dir / "summary.json").read_text())
+    evaluation, per_image = load_evaluation(evaluation_dir)
     split = evaluation["split"]
     rows = []
     for arm, result in evaluation["arms"].items():
@@ -352,7 +363,12 @@ def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trial
         row |= {name: float("nan") for name in result["unavailable"]}
         rows.append(row)
     written: dict[str, Path] = {}
-    for name, (markdown, csv) in paper_tables(pd.DataFrame(rows), prefix=split).items():
+    replicated = has_replicates(evaluation)
+    seeds = seed_summaries(evaluation) if replicated else None
+    tables = paper_tables(pd.DataFrame(rows), prefix=split, seeds=seeds)
+    if replicated:
+        tables["paired_comparisons"] = paired_table(paired_comparisons(evaluation, per_image, baseline))
+    for name, (markdown, csv) in tables.items():
         written[f"{name}.md"] = atomic_write_text(output_dir / "tables" / f"{name}.md", markdown)
         written[f"{name}.csv"] = atomic_write_text(output_dir / "tables" / f"{name}.csv", csv)
 

@@ -23,6 +23,14 @@ Formatting: ``mean +- std`` with the std rounded to 2 significant digits and the
 (never dropping integer digits: -4016 +- 813); single values with 4 significant digits. The CSV holds the raw
 numbers (``<column> mean`` and ``<column> std`` as separate columns, full precision) with the literal string
 ``unavailable`` where a value is missing.
+
+Seed replicates (``seeds``, one :class:`SeedSummary` per arm and metric): every metric column becomes
+``<column>: mean +- 95% CI (n seeds)``, the mean over the arm's replicates (re-trainings of its selected
+configuration with fresh seeds) and the half-width of the two-sided Student-t interval, t_{0.975, n - 1} s /
+sqrt(n) (:func:`study.statistics.mean_ci`); a column that had a spread over images keeps it as ``<column>: spread
+over test images (selected trial)``. The CSV keeps the selected trial's columns and adds ``<column> seeds mean``,
+``<column> seeds CI half-width`` (``inf`` for one seed) and ``<column> seeds n``. Without ``seeds`` the tables are
+those of a single trial per arm, as above.
 """
 
 from __future__ import annotations
@@ -36,6 +44,45 @@ import pandas as pd
 PM = " +- "
 UNAVAILABLE = "unavailable"
 ID_COLUMNS = ("family", "setting", "run_id")
+#: Label of the single-trial mean +- std column when seed replicates are shown.
+SPREAD_LABEL = "spread over test images (selected trial)"
+#: Label of the seed columns; the interval's confidence is :data:`SEED_CONFIDENCE`.
+SEED_LABEL = "mean +- 95% CI (n seeds)"
+SEED_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """One metric of one arm over its seed replicates.
+
+    Attributes:
+        mean: mean over the ``n`` seeds (the metric's units); NaN when ``n < total``.
+        half_width: half-width of the two-sided Student-t interval (:data:`SEED_CONFIDENCE`), ``inf`` for n = 1.
+        n: seeds with a finite value.
+        total: seeds evaluated. A metric missing or non-finite in some of them is not averaged over the others
+            (a diverged replicate must be seen): its cell says how many seeds lack it.
+    """
+
+    mean: float
+    half_width: float
+    n: int
+    total: int
+
+
+def format_seed_ci(summary: SeedSummary | None) -> str:
+    """``mean +- half_width (n seeds)`` with :func:`format_mean_std`'s rounding (the half-width to 2 significant
+    digits); ``+- n/a (1 seed)`` for a single seed, ``+- 0`` for identical seeds; ``unavailable`` when no seed has
+    the metric, ``unavailable (k of n seeds not finite)`` when only some lack it."""
+    if summary is None or summary.n == 0:
+        return UNAVAILABLE
+    if summary.n < summary.total:
+        return f"{UNAVAILABLE} ({summary.total - summary.n} of {summary.total} seeds not finite)"
+    unit = "seed" if summary.n == 1 else "seeds"
+    if not math.isfinite(summary.half_width):
+        return f"{format_value(summary.mean)}{PM}n/a ({summary.n} {unit})"
+    if summary.half_width == 0:
+        return f"{format_value(summary.mean)}{PM}0 ({summary.n} {unit})"
+    return f"{format_mean_std(summary.mean, summary.half_width)} ({summary.n} {unit})"
 
 
 def _is_missing(value: object) -> bool:
@@ -146,12 +193,50 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(list(ID_COLUMNS), kind="stable", key=lambda s: s.astype(str)).reset_index(drop=True)
 
 
-def _build(df: pd.DataFrame, columns: list[_Column], prefix: str, caption: str, note: str = "") -> tuple[str, str]:
-    """(markdown, csv) of ``df``'s rows with the id columns and ``columns``."""
+Seeds = dict[str, dict[str, SeedSummary]]  # arm (the ``setting`` column) -> full metric name -> its seed summary
+
+_SEED_CAPTION = (" Seed replicates: each metric is the mean over the arm's n replicates (its selected configuration "
+                 "re-trained with n fresh seeds, the search's seed excluded so the selection does not bias it) +- "
+                 "the half-width of the two-sided 95% Student-t interval, t(0.975, n - 1) s / sqrt(n), s the "
+                 f"standard deviation over seeds; '{SPREAD_LABEL}' is the mean +- std over test images of the "
+                 "single trial the search selected (the Run column).")
+
+
+def _seed_cell(r: pd.Series, c: _Column, prefix: str, seeds: Seeds) -> str:
+    arm = seeds.get(str(r["setting"]))
+    if not arm:
+        return f"{UNAVAILABLE} (no finished replicate)"
+    return format_seed_ci(arm.get(f"{prefix}_{c.metric}"))
+
+
+def _seed_raw(r: pd.Series, c: _Column, prefix: str, seeds: Seeds) -> dict[str, object]:
+    summary = seeds.get(str(r["setting"]), {}).get(f"{prefix}_{c.metric}")
+    usable = summary is not None and summary.n > 0 and summary.n == summary.total
+    return {
+        f"{c.header} seeds mean": summary.mean if usable else UNAVAILABLE,
+        f"{c.header} seeds CI half-width": summary.half_width if usable else UNAVAILABLE,
+        f"{c.header} seeds n": summary.n if summary is not None else 0,
+    }
+
+
+def _build(df: pd.DataFrame, columns: list[_Column], prefix: str, caption: str, note: str = "",
+           seeds: Seeds | None = None) -> tuple[str, str]:
+    """(markdown, csv) of ``df``'s rows with the id columns and ``columns`` (with seed columns when ``seeds``)."""
     ids = ["Family", "Setting", "Run"]
-    md_rows = [[str(r["family"]), str(r["setting"]), str(r["run_id"])] + [_cell(r, c, prefix) for c in columns]
-               for _, r in df.iterrows()]
-    markdown = f"{caption}\n\n" + _markdown(ids + [c.header for c in columns], md_rows)
+    if seeds:
+        headers = [h for c in columns for h in (
+            (f"{c.header}: {SEED_LABEL}", f"{c.header}: {SPREAD_LABEL}") if c.with_std else (f"{c.header}: {SEED_LABEL}",))]
+        md_rows = [[str(r["family"]), str(r["setting"]), str(r["run_id"])]
+                   + [cell for c in columns for cell in (
+                       (_seed_cell(r, c, prefix, seeds), _cell(r, c, prefix)) if c.with_std
+                       else (_seed_cell(r, c, prefix, seeds),))]
+                   for _, r in df.iterrows()]
+        caption = (caption[:-1] + _SEED_CAPTION + "*") if caption.endswith("*") else caption + _SEED_CAPTION
+    else:
+        headers = [c.header for c in columns]
+        md_rows = [[str(r["family"]), str(r["setting"]), str(r["run_id"])] + [_cell(r, c, prefix) for c in columns]
+                   for _, r in df.iterrows()]
+    markdown = f"{caption}\n\n" + _markdown(ids + headers, md_rows)
     if note:
         markdown += f"\n{note}\n"
     records = []
@@ -163,15 +248,20 @@ def _build(df: pd.DataFrame, columns: list[_Column], prefix: str, caption: str, 
                 rec[f"{c.header} std"] = _raw(r, f"{prefix}_{c.metric}_std")
             else:
                 rec[c.header] = _raw(r, f"{prefix}_{c.metric}")
+        if seeds:
+            for c in columns:
+                rec |= _seed_raw(r, c, prefix, seeds)
         records.append(rec)
     csv_columns = list(ID_COLUMNS) + [
         name for c in columns for name in ((f"{c.header} mean", f"{c.header} std") if c.with_std else (c.header,))
     ]
+    if seeds:
+        csv_columns += [f"{c.header} seeds {part}" for c in columns for part in ("mean", "CI half-width", "n")]
     csv = pd.DataFrame.from_records(records, columns=csv_columns).to_csv(index=False)
     return markdown, csv
 
 
-def dorta_table1(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+def dorta_table1(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None) -> tuple[str, str]:
     """Dorta et al. 2018, Table 1 style: NLL (nats, mean +- std), bits/dim, avg KL, MI, marginal KL, log N.
 
     Only rows whose ``elbo_valid`` is true; the others are listed in a note under the Markdown table (never ranked
@@ -196,10 +286,10 @@ def dorta_table1(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
     caption = ("*Dorta et al. 2018, Table 1 style. NLL: importance-weighted bound (Burda et al. 2016), nats per "
                "image on the [0, 1] density scale (can be negative), mean +- std over test images; lower is better. "
                "Avg KL = MI + marginal KL (ELBO surgery, Hoffman & Johnson 2016, S = N test images), nats.*")
-    return _build(frame[valid], columns, prefix, caption, note)
+    return _build(frame[valid], columns, prefix, caption, note, seeds)
 
 
-def dorta_table2(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+def dorta_table2(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None) -> tuple[str, str]:
     """Dorta et al. 2018, Table 2 style: MSE on [0, 255], mean +- std over images. Returns (markdown, csv)."""
     caption = ("*Dorta et al. 2018, Table 2 style. MSE of the reconstruction per pixel on the [0, 255] scale, "
                "mean +- std over test images; lower is better.*")
@@ -212,10 +302,10 @@ def dorta_table2(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
         caption = caption[:-1] + (" For YCbCr arms the reference is the RGB before the conversion to YCbCr; the "
                                   "chroma floor is the MSE of the stored data itself (Y with downsampled Cb, Cr, "
                                   "converted back) against it: about the least a YCbCr model can reach.*")
-    return _build(_ordered(df), columns, prefix, caption)
+    return _build(_ordered(df), columns, prefix, caption, seeds=seeds)
 
 
-def avae_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+def avae_table(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None) -> tuple[str, str]:
     """AVAE (Plumerault et al. 2020) style: MSE ([0, 1] and [-1, 1]), LPIPS, FID. Returns (markdown, csv)."""
     columns = [
         _Column("MSE [0, 1]", "mse", with_std=True),
@@ -228,10 +318,10 @@ def avae_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
                "scale), LPIPS-Alex v0.1, mean +- std over test images; FID of reconstructions and of prior samples "
                "against the test images with the study's single FID implementation (not comparable with published "
                "FIDs). Lower is better for all.*")
-    return _build(_ordered(df), columns, prefix, caption)
+    return _build(_ordered(df), columns, prefix, caption, seeds=seeds)
 
 
-def all_metrics_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]:
+def all_metrics_table(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None) -> tuple[str, str]:
     """PSNR, SSIM, sharpness / gradient ratios, variance losses and VL / MSE for every row. Returns (md, csv)."""
     columns = [
         _Column("MSE [0, 1]", "mse", with_std=True),
@@ -249,11 +339,11 @@ def all_metrics_table(df: pd.DataFrame, prefix: str = "test") -> tuple[str, str]
                "the same for the Sobel magnitude (< 1 = blurrier). Variance loss (Asperti 2020): mean per-pixel "
                "variance of the test images minus that of their reconstructions / of as many prior samples, [0, 1]^2 "
                "units; VL / MSE is close to 1 when the loss of variance is all reconstruction error.*")
-    return _build(_ordered(df), columns, prefix, caption)
+    return _build(_ordered(df), columns, prefix, caption, seeds=seeds)
 
 
 #: Table name -> builder, in report order.
-TABLES: dict[str, Callable[[pd.DataFrame, str], tuple[str, str]]] = {
+TABLES: dict[str, Callable[..., tuple[str, str]]] = {
     "dorta_table1": dorta_table1,
     "dorta_table2": dorta_table2,
     "avae": avae_table,
@@ -261,29 +351,35 @@ TABLES: dict[str, Callable[[pd.DataFrame, str], tuple[str, str]]] = {
 }
 
 
-def paper_tables(df: pd.DataFrame, prefix: str = "test") -> dict[str, tuple[str, str]]:
+def paper_tables(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None) -> dict[str, tuple[str, str]]:
     """Every table: name -> (markdown, csv), names as in :data:`TABLES`.
 
     Args:
         df: one row per evaluated trial; columns ``family``, ``setting``, ``run_id``, ``elbo_valid`` and
             ``<prefix>_<metric>`` / ``<prefix>_<metric>_std`` metric columns (missing ones show as unavailable).
         prefix: the evaluated split's metric prefix.
+        seeds: arm (``setting``) -> full metric name (``test_nll``) -> :class:`SeedSummary` of its replicates;
+            None or empty: single-trial tables.
 
     Returns:
         dict name -> (Markdown string, CSV string).
     """
-    return {name: build(df, prefix) for name, build in TABLES.items()}
+    return {name: build(df, prefix, seeds=seeds) for name, build in TABLES.items()}
 
 
 __all__ = [
     "PM",
+    "SPREAD_LABEL",
+    "SEED_LABEL",
     "TABLES",
     "UNAVAILABLE",
+    "SeedSummary",
     "all_metrics_table",
     "avae_table",
     "dorta_table1",
     "dorta_table2",
     "format_mean_std",
+    "format_seed_ci",
     "format_value",
     "paper_tables",
 ]
