@@ -53,7 +53,7 @@ from study.config import StudyParams, TrialConfig
 from study.data.store import data_fingerprint, verify_prepared
 from study.likelihoods import family_elbo_valid, trial_elbo_valid
 from study.selection import select_best
-from study.sweep_callback import _TRACKERS, MlflowCallback
+from study.sweep_callback import MlflowCallback, _error_line, catch_up
 from study.sweep_references import check_references, referenced_arms, resolve_references
 from study.sweep_space import _overrides, _param_space, _scheduler, _searcher, optuna_storage, resolve_overrides
 from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
@@ -68,7 +68,7 @@ from study.sweep_state import (
 )
 from study.sweep_trainable import _hooks_from_env, _trainable
 from study.system_metrics import monitor_settings
-from study.tracking import SweepTracker, connect, tracking_uri
+from study.tracking import SweepTracker, TrackingOutageError, connect, tracking_uri
 
 
 def _fit(tuner) -> tuple[Any, bool]:
@@ -101,12 +101,6 @@ def _fit(tuner) -> tuple[Any, bool]:
 
 class NoFinishedTrialError(RuntimeError):
     """Every trial of the sweep failed: its parent run is FAILED and no summary was written."""
-
-
-def _error_line(error: BaseException) -> str:
-    """The last line of an error's message, or its type's name when the message is empty (``RuntimeError()``)."""
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
 
 
 def _collect(results, tracker: SweepTracker, variant: str, family: str, metric: str, mode: str, *,
@@ -174,6 +168,26 @@ def _pareto_trials(trials: list[dict[str, Any]], params: StudyParams) -> list[st
     return [t["trial_id"] for t, keep in zip(rows, mask) if keep]
 
 
+def arm_trainable(params: StudyParams, arm_base: TrialConfig, fingerprint: str, hooks: dict[str, str],
+                  system_metrics: dict[str, Any] | None):
+    """The Ray Tune trainable of one arm's trials (:func:`study.sweep_trainable._trainable` on ``arm_base``) with
+    ``sweep.resources_per_trial``: the sweep's trials and the replicate stage's (``study.replicate``) alike.
+
+    ``fingerprint``: the prepared data's sha256 (a worker on another node checks its copy against it);
+    ``hooks``: :func:`study.sweep_trainable._hooks_from_env`; ``system_metrics``:
+    :func:`study.system_metrics.monitor_settings`.
+    """
+    resources = params.sweep.resources_per_trial
+    relative_data = None if params.dataset_dir().is_absolute() else str(params.dataset_dir())
+    return tune.with_resources(
+        tune.with_parameters(
+            _trainable, base=arm_base.model_dump(mode="json"), data_dir_relative=relative_data,
+            data_sha256=fingerprint, hooks=hooks, system_metrics=system_metrics,
+        ),
+        {"cpu": resources.cpu, "gpu": resources.gpu, "custom_resources": dict(resources.custom)},
+    )
+
+
 def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = True) -> dict[str, Any]:
     """Run the sweep ``params.sweep`` describes and write its summary to ``sweep.output``.
 
@@ -232,13 +246,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
         tracker = SweepTracker(client, experiment_id, params, fingerprint, parent_run_id=state["parent_run_id"])
         print(f"resuming sweep {sweep.name} into parent run {tracker.parent_run_id} "
               f"({len(state['arms'])} of {len(arms)} arms finished)", flush=True)
-    _TRACKERS[tracker.parent_run_id] = tracker
 
-    resources = {
-        "cpu": sweep.resources_per_trial.cpu, "gpu": sweep.resources_per_trial.gpu,
-        "custom_resources": dict(sweep.resources_per_trial.custom),
-    }
-    relative_data = None if params.dataset_dir().is_absolute() else str(params.dataset_dir())
     hooks = _hooks_from_env()
     # Trials sample their node's MLflow system metrics into their own runs (tracking.system_metrics).
     system_metrics = monitor_settings(params.tracking, tracker.parent_run_id, experiment_id, Path.cwd())
@@ -259,22 +267,17 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                 trials += state["arms"][variant]["trials"]
                 known_trials |= {t["trial_id"] for t in state["arms"][variant]["trials"]}
                 continue
-            trainable = tune.with_resources(
-                tune.with_parameters(
-                    _trainable, base=arm_base.model_dump(mode="json"), data_dir_relative=relative_data,
-                    data_sha256=fingerprint, hooks=hooks, system_metrics=system_metrics,
-                ),
-                resources,
-            )
+            trainable = arm_trainable(params, arm_base, fingerprint, hooks, system_metrics)
             # The arm's own epochs (a variant may override train.epochs): the scheduler's horizon, the callback's
             # count and the early-stop test all use it.
             arm_epochs = arm_base.train.epochs
             callback = MlflowCallback(tracker, arm_base, arm_epochs, variant, metric, mode,
-                                      mutations=tuple(sweep.scheduler.mutations))
+                                      mutations=tuple(sweep.scheduler.mutations), uri=uri,
+                                      outage_budget_s=params.tracking.outage_budget_s)
             path = experiment_dirs[variant]
             if resumed and tune.Tuner.can_restore(str(path)):
                 # Finished and errored trials are kept as they are; unfinished ones continue from their latest
-                # checkpoints. The callback comes back from the Tuner's pickle and finds `tracker` by parent id.
+                # checkpoints. The callback comes back from the Tuner's pickle and reconnects by itself.
                 tuner = tune.Tuner.restore(
                     str(path), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
                     param_space=_param_space(params),
@@ -307,6 +310,9 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             if interrupted:  # Ctrl+C or SIGTERM: Tune saved its state and returned early
                 raise KeyboardInterrupt(f"sweep {sweep.name} interrupted with unfinished trials: run it again "
                                         "to resume them")
+            # What the callback could not send (an earlier driver's tracking outage) comes from Ray's results.
+            catch_up(tracker, results, arm_base, arm_epochs, variant, metric, mode,
+                     mutations=tuple(sweep.scheduler.mutations))
             arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode, arm_base=arm_base,
                                   max_epochs=arm_epochs)
             trials += arm_trials
@@ -315,6 +321,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             _save_state(state_path, state)
         if resumed:
             _drop_orphans(tracker, known_trials)
+    except TrackingOutageError:
+        raise  # the store is away: its runs are corrected by the re-run (catch_up), not now
     except KeyboardInterrupt:
         tracker.interrupt()  # parent and running trials KILLED, tagged interrupted_at; a re-run resumes them
         raise
