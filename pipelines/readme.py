@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -40,12 +41,12 @@ def machine() -> str:
     return f"{cores} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
-def block(name: str, tables: list[str], wall_time_s: float | None, command: str) -> str:
+def block(name: str, tables: list[str], wall_time_s: float | None, command: str, note: str | None = None) -> str:
     today = datetime.date.today().isoformat()
     wall = (f"{int(wall_time_s // 60)} min {wall_time_s % 60:.0f} s" if wall_time_s is not None else "not measured")
     header = (f"<!-- report:{name}:begin -->\n"
               f"Generated from the study's report by `{command}` on {today}; machine: {machine()}; "
-              f"wall time of the study's `dvc repro`: {wall}.\n")
+              f"wall time of the study's `dvc repro`: {wall}." + (f" {note}" if note else "") + "\n")
     return header + "\n" + "\n".join(t.strip() + "\n" for t in tables) + f"<!-- report:{name}:end -->"
 
 
@@ -62,17 +63,21 @@ def update_readme(readme: Path, name: str, content: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     def configure(parser) -> None:
         parser.add_argument("--readme", type=Path, default=Path("README.md"))
+        parser.add_argument("--tables", nargs="+", default=list(TABLES), metavar="NAME",
+                            help=f"report tables to copy, in order (default: those of {', '.join(TABLES)} that exist)")
+        parser.add_argument("--note", default=None, help="one sentence added under the header (e.g. the load)")
         parser.add_argument("--wall-time-s", type=float, default=None,
                             help="measured wall time of the study's dvc repro, seconds (default: not measured)")
 
     args, params = stage_arguments(argv, __doc__.splitlines()[0], configure)
     tables_dir = Path(params.report.output_dir) / "tables"
-    tables = [(tables_dir / f"{t}.md").read_text() for t in TABLES if (tables_dir / f"{t}.md").is_file()]
+    tables = [(tables_dir / f"{t}.md").read_text() for t in args.tables if (tables_dir / f"{t}.md").is_file()]
     if not tables:
         print(f"error: no report tables in {tables_dir}: run the study's report stage first", file=sys.stderr)
         return 1
-    command = "python -m pipelines.readme " + " ".join(argv if argv is not None else sys.argv[1:])
-    update_readme(args.readme, params.sweep.name, block(params.sweep.name, tables, args.wall_time_s, command))
+    command = "python -m pipelines.readme " + shlex.join(argv if argv is not None else sys.argv[1:])
+    update_readme(args.readme, params.sweep.name,
+                  block(params.sweep.name, tables, args.wall_time_s, command, args.note))
     print(f"README.md: {len(tables)} tables of {params.sweep.name} from {tables_dir}")
     return 0
 
