@@ -351,7 +351,13 @@ def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trial
     """
     import numpy as np
 
-    from study.report_replicates import has_replicates, load_evaluation, paired_comparisons, paired_table, seed_summaries
+    from study.report_replicates import (
+        has_replicates,
+        load_evaluation,
+        paired_comparisons,
+        paired_table,
+        seed_summaries,
+    )
 
     evaluation_dir, output_dir = Path(evaluation_dir), Path(output_dir)
     evaluation, per_image = load_evaluation(evaluation_dir)

@@ -65,7 +65,8 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def seed_summaries(evaluation: dict[str, Any], confidence: float = SEED_CONFIDENCE) -> dict[str, dict[str, SeedSummary]]:
+def seed_summaries(evaluation: dict[str, Any], confidence: float = SEED_CONFIDENCE
+                   ) -> dict[str, dict[str, SeedSummary]]:
     """Arm -> metric -> :class:`study.report_tables.SeedSummary` over the arm's evaluated replicates.
 
     Every metric any replicate of the arm has (or lists as unavailable) is summarised. A metric finite in all n
@@ -105,7 +106,7 @@ def choose_baseline(evaluation: dict[str, Any], requested: str | None) -> tuple[
         return None, f"report.baseline {requested!r} was not evaluated (evaluated arms: {sorted(arms)})"
     for arm, record in arms.items():
         if record.get("family") == "gaussian":
-            return arm, "the first Gaussian arm (report.baseline: null)"
+            return arm, "the first Gaussian arm, as report.baseline is null"
     return None, "no arm has the gaussian family: set report.baseline to compare the arms"
 
 
@@ -206,7 +207,7 @@ def paired_comparisons(evaluation: dict[str, Any], per_image: dict[str, np.ndarr
     return result
 
 
-_P_HEADERS = {"t": f"p ({TEST_NAMES['t']})", "wilcoxon": f"p ({TEST_NAMES['wilcoxon']})"}
+_P_HEADERS = {"t": f"p, {TEST_NAMES['t']}", "wilcoxon": f"p, {TEST_NAMES['wilcoxon']}"}
 
 
 def paired_table(comparisons: Comparisons) -> tuple[str, str]:
@@ -218,7 +219,9 @@ def paired_table(comparisons: Comparisons) -> tuple[str, str]:
                 str(r["images"]), format_value(r["mean_difference"]),
                 f"[{format_value(r['ci_low'])}, {format_value(r['ci_high'])}]",
                 format_value(r["p_t"]), format_value(r["p_wilcoxon"])] for r in comparisons.rows]
-    caption = (f"*Paired comparisons with the baseline arm ({comparisons.baseline_rule}). For each test image, the "
+    baseline = f"`{comparisons.baseline}`" if comparisons.baseline else "(none)"
+    caption = (f"*Paired comparisons with the baseline arm {baseline}: {comparisons.baseline_rule}. For each test "
+               "image, the "
                "metric is averaged over each arm's seed replicates; the difference arm - baseline of these averages "
                f"is then averaged over the test images, with its two-sided {level}% Student-t interval over images "
                "and two two-sided paired tests of 'no difference' over images (the paired t-test, scipy.stats."

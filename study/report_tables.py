@@ -224,8 +224,8 @@ def _build(df: pd.DataFrame, columns: list[_Column], prefix: str, caption: str, 
     """(markdown, csv) of ``df``'s rows with the id columns and ``columns`` (with seed columns when ``seeds``)."""
     ids = ["Family", "Setting", "Run"]
     if seeds:
-        headers = [h for c in columns for h in (
-            (f"{c.header}: {SEED_LABEL}", f"{c.header}: {SPREAD_LABEL}") if c.with_std else (f"{c.header}: {SEED_LABEL}",))]
+        headers = [h for c in columns for h in ((f"{c.header}: {SEED_LABEL}", f"{c.header}: {SPREAD_LABEL}")
+                                                if c.with_std else (f"{c.header}: {SEED_LABEL}",))]
         md_rows = [[str(r["family"]), str(r["setting"]), str(r["run_id"])]
                    + [cell for c in columns for cell in (
                        (_seed_cell(r, c, prefix, seeds), _cell(r, c, prefix)) if c.with_std
