@@ -120,7 +120,31 @@ def _objectives(params: StudyParams, metric: str, mode: str) -> tuple[list[str],
     return [metric], [mode]
 
 
-def _searcher(params: StudyParams, base: TrialConfig, metric: str, mode: str, seed_offset: int = 0):
+def optuna_storage(url: str | None, workdir) -> "optuna.storages.RDBStorage | None":
+    """The Optuna RDB storage of ``sweep.searcher.storage`` (a relative SQLite path resolved against
+    ``workdir``, the repository root), or None for in-memory studies. Only the driver opens it: Ray Tune's
+    ``OptunaSearch`` asks and tells on the driver, so a SQLite file has one writer."""
+    if url is None:
+        return None
+    from study.system_metrics import absolute_sqlite_url
+
+    return optuna.storages.RDBStorage(absolute_sqlite_url(url, workdir))
+
+
+def _fresh_study(storage, study_name: str) -> None:
+    """Drop a study of that name left by an earlier sweep (finished, or abandoned after its parameters changed):
+    a new search must not read another sweep's trials as its own history. Its trials stay in MLflow."""
+    try:
+        optuna.delete_study(study_name=study_name, storage=storage)
+    except KeyError:
+        pass
+
+
+def _searcher(params: StudyParams, base: TrialConfig, metric: str, mode: str, seed_offset: int = 0,
+              study_name: str = "optuna", storage=None):
+    """The arm's search algorithm. ``study_name`` / ``storage`` (from :func:`optuna_storage`): the Optuna study
+    it fills, replaced when it exists (this is only called for a search that starts afresh; a resumed one
+    comes back with its study from Tune's state)."""
     sweep = params.sweep
     seed = sweep.searcher.seed + seed_offset
     if sweep.searcher.kind == "random":
@@ -136,9 +160,13 @@ def _searcher(params: StudyParams, base: TrialConfig, metric: str, mode: str, se
     metrics, modes = _objectives(params, metric, mode)
     # metric and mode go to the searcher and scheduler themselves: Tune does not forward them through the
     # ConcurrencyLimiter that max_concurrent_trials wraps around the searcher.
+    if storage is not None:
+        _fresh_study(storage, study_name)
     if len(metrics) == 1:
-        return OptunaSearch(space=space, metric=metrics[0], mode=modes[0], sampler=sampler)
-    return OptunaSearch(space=space, metric=metrics, mode=modes, sampler=sampler)
+        return OptunaSearch(space=space, metric=metrics[0], mode=modes[0], sampler=sampler, study_name=study_name,
+                            storage=storage)
+    return OptunaSearch(space=space, metric=metrics, mode=modes, sampler=sampler, study_name=study_name,
+                        storage=storage)
 
 
 def _param_space(params: StudyParams) -> dict[str, Any] | None:
