@@ -422,6 +422,33 @@ class SearcherConfig(_Strict):
     # nsga2: Optuna's NSGA-II, the usual multi-objective sampler (TPE handles several objectives as well).
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int = 0
+    # An Optuna RDB storage URL (SQLAlchemy form: sqlite:///optuna.db, postgresql://user@host/db), a relative
+    # SQLite path being relative to the repository root; null: in memory. Holds one study per arm, named
+    # <sweep.name>-<arm>, written by the driver alone (`optuna-dashboard <url>` shows a live sweep).
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_an_rdb_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as err:
+            raise ValueError(f"not an RDB URL (e.g. sqlite:///optuna.db): {value!r}") from err
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite storage is not visible to a dashboard; use null, or a file "
+                             "(sqlite:///optuna.db)")
+        return value
+
+    @model_validator(mode="after")
+    def _storage_needs_optuna(self) -> "SearcherConfig":
+        if self.storage is not None and self.kind != "optuna":
+            raise ValueError("storage is Optuna's: it needs kind optuna")
+        return self
 
 
 # Mutating these would change the network's shapes, the data or the run's length under a restored
@@ -582,6 +609,10 @@ class TrackingConfig(_Strict):
     uri: str = "sqlite:///mlflow.db"
     artifact_root: Path = Path("mlartifacts")
     experiment: str = "vae-blur-study"
+    # MLflow system metrics (system/cpu_utilization_percentage, memory, GPU utilisation and memory) of each
+    # trial's node, sampled in its Ray worker every system_metrics_interval_s seconds (study.system_metrics).
+    system_metrics: bool = False
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)
 
 
 class EvaluateConfig(_Strict):

@@ -35,6 +35,7 @@ from study.atomic import atomic_write_text
 from study.config import TrialConfig
 from study.data.store import data_fingerprint
 from study.sweep_space import _overrides, resolve_overrides
+from study.system_metrics import trial_system_metrics
 
 HOOK_ENV = {
     "nan_trial": "STUDY_TEST_NAN_TRIAL",
@@ -95,12 +96,14 @@ def _trainable(
     data_dir_relative: str | None = None,
     data_sha256: str | None = None,
     hooks: dict[str, str] | None = None,
+    system_metrics: dict[str, Any] | None = None,
 ) -> None:
     """Ray Tune function trainable: resolve the trial config, train, report every epoch with a checkpoint.
 
     Started again with the trial's latest checkpoint after a failure, after a resumed sweep, or by PBT with a
     mutated ``config`` and another trial's checkpoint: training then continues from that checkpoint's epoch
-    with the config given now.
+    with the config given now. ``system_metrics`` (:func:`study.system_metrics.monitor_settings`, None: off):
+    where the trial's run is, to log its node's MLflow system metrics there while it trains.
     """
     from study.train import NonFiniteLossError, run_trial, select_device  # in the worker: keeps the driver light
 
@@ -148,6 +151,7 @@ def _trainable(
     with (
         tempfile.TemporaryDirectory(prefix="trial-") as workdir,
         checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_from,
+        trial_system_metrics(system_metrics, trial_id),  # MLflow system metrics into the trial's run, if on
     ):
         if "pid_dir" in hooks:
             saved = Path(resume_from) / "metrics.json" if resume_from else None
