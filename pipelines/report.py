@@ -21,6 +21,31 @@ REPORT_OUTPUTS = ("trials.csv", "summary.md", "metrics.json", "best_reconstructi
                   "tables", "figures")
 
 
+def _write_claims(params, evaluation: Path, staging: Path, metrics: dict) -> None:
+    """``tables/claims.md``, a "Published claims" section of summary.md and ``claims`` in metrics.json."""
+    from study.report_claims import claims_table, evaluate_claims, load_split, trivial_baseline
+    from study.report_replicates import load_evaluation
+
+    result, per_image = load_evaluation(evaluation)
+    baseline = None
+    if result.get("color") in ("grey", "rgb"):  # YCbCr arms are scored against RGB the stored arrays lack
+        data_dir = params.dataset_dir()
+        baseline = trivial_baseline(load_split(data_dir, "train"), load_split(data_dir, result.get("split", "test")))
+    records = evaluate_claims(result, per_image, params.report.claims, baseline)
+    table = ("*Published claims tested by this study, each judged from the seed replicates (study/report_claims.py "
+             "says how); a claim that does not hold here is a finding, reported as measured.*\n\n"
+             + claims_table(records))
+    (staging / "tables").mkdir(exist_ok=True)
+    (staging / "tables" / "claims.md").write_text(table)
+    summary_md = staging / "summary.md"
+    summary_md.write_text(summary_md.read_text() + "\n## Published claims\n\n" + table)
+    metrics["claims"] = records
+    metrics["trivial_baseline"] = baseline
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for record in records:
+        print(f"claim: {record['claim']} ({', '.join(record['arms'][:2])}): {record['verdict']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     _, params = stage_arguments(argv, __doc__)
     from study.atomic import publish
@@ -60,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             if block is not None:
                 metrics["replicates"] = block
                 (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            if params.report.claims is not None:
+                _write_claims(params, evaluation, staging, metrics)
         publish(staging, output_dir, REPORT_OUTPUTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
