@@ -77,9 +77,14 @@ def stage(prepared_ycbcr_32, tmp_path_factory):
         "evaluate": {"num_importance_samples": 4, "batch_size": 4, "device": "cpu", "num_examples": 2,
                      "output_dir": str(work / "evaluation")},
     }
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    files = {}
+    for name, num_seeds, output in (("none", 0, "replicates.json"), ("replicates", 2, "replicates.json"),
+                                    ("stale", 2, "stale.json")):
+        files[name] = work / f"params_{name}.yaml"
+        files[name].write_text(yaml.safe_dump(params | {"replicate": {"num_seeds": num_seeds,
+                                                                      "output": str(work / output)}}))
     return SimpleNamespace(work=work, client=client, runs=runs, checkpoints=checkpoints, parent=parent,
-                           data=prepared_ycbcr_32)
+                           data=prepared_ycbcr_32, params=files)
 
 
 @pytest.fixture(autouse=True)
@@ -99,16 +104,16 @@ def test_replicates_file_is_read_defensively(tmp_path):
 
 
 def test_without_replicates_only_the_selected_trial_is_evaluated(stage):
-    assert evaluate_stage.main(["--params", str(stage.work / "params.yaml")]) == 0
+    # num_seeds: 0 ignores even an existing replicates file: the selected trials only, as before replicates
+    assert evaluate_stage.main(["--params", str(stage.params["none"])]) == 0
     summary = json.loads((stage.work / "evaluation" / "summary.json").read_text())
     assert "replicates" not in summary and set(summary["arms"]) == {"gaussian"}
     assert "test_mse_255" not in stage.client.get_run(stage.runs["replicate"]).data.metrics
 
 
-def test_every_finished_replicate_is_evaluated_logged_and_kept_per_image(stage, monkeypatch, capsys):
+def test_every_finished_replicate_is_evaluated_logged_and_kept_per_image(stage, capsys):
     out = stage.work / "evaluation"
-    monkeypatch.setattr(evaluate_stage, "replicates_file", lambda params: stage.work / "replicates.json")
-    assert evaluate_stage.main(["--params", str(stage.work / "params.yaml")]) == 0
+    assert evaluate_stage.main(["--params", str(stage.params["replicates"])]) == 0
     summary = json.loads((out / "summary.json").read_text())
     (entry,) = summary["replicates"]["gaussian"]
     assert (entry["seed"], entry["run_id"], entry["elbo_valid"]) == (REPLICATE_SEED, stage.runs["replicate"], True)
@@ -144,13 +149,11 @@ def test_every_finished_replicate_is_evaluated_logged_and_kept_per_image(stage, 
     assert "evaluated gaussian (run " + stage.runs["replicate"] in capsys.readouterr().out
 
 
-def test_replicates_of_another_sweep_are_refused(stage, monkeypatch, capsys):
+def test_replicates_of_another_sweep_are_refused(stage, capsys):
     stale = json.loads((stage.work / "replicates.json").read_text()) | {"parent_run_id": "another-sweep"}
-    path = stage.work / "stale.json"
-    path.write_text(json.dumps(stale))
-    monkeypatch.setattr(evaluate_stage, "replicates_file", lambda params: path)
+    (stage.work / "stale.json").write_text(json.dumps(stale))
     previous = stage.work / "evaluation" / "summary.json"
     before = previous.read_bytes() if previous.exists() else None
-    assert evaluate_stage.main(["--params", str(stage.work / "params.yaml")]) == 1
+    assert evaluate_stage.main(["--params", str(stage.params["stale"])]) == 1
     assert "another-sweep" in capsys.readouterr().err
     assert (previous.read_bytes() if previous.exists() else None) == before  # the previous evaluation stays
