@@ -347,6 +347,11 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False  # NHWC weights and batches (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile of the model forward (inductor; minutes of compilation on a CPU)
+    # Seconds of training a killed trial may lose: a checkpoint (weights, optimiser, grids) is written when the
+    # next epoch would end past this since the last one, and always at the last epoch and where the sweep's
+    # scheduler needs one (PBT's perturbation interval, ASHA's rungs); 0 = every epoch. Metrics are reported
+    # every epoch regardless.
+    checkpoint_interval_s: float = Field(default=60.0, ge=0.0, allow_inf_nan=False)
 
     @field_validator("beta")
     @classmethod
@@ -613,6 +618,51 @@ class TrackingConfig(_Strict):
     # trial's node, sampled in its Ray worker every system_metrics_interval_s seconds (study.system_metrics).
     system_metrics: bool = False
     system_metrics_interval_s: float = Field(default=10.0, gt=0)
+    # Seconds the tracking store may stay unreachable during a sweep (trials train on, their logs queued) before
+    # the sweep stops with an error; the re-run then brings MLflow up to date from Ray's results.
+    outage_budget_s: float = Field(default=600.0, gt=0)
+
+
+class ReplicateConfig(_Strict):
+    """The ``replicate`` stage: the best trial of every sweep arm trained again with fresh seeds (``study.replicate``).
+
+    The seeds never include the best trial's own ``train.seed`` (the search seed): the search picked that trial
+    partly for its seed's luck, so only fresh seeds estimate its configuration without the selection's bias.
+    """
+
+    # Fresh seeds per arm; 0: the stage writes an empty ``arms`` mapping without starting Ray or MLflow.
+    num_seeds: int = Field(default=3, ge=0)
+    # Explicit seeds (exactly num_seeds, distinct); null: search seed + 1000 + k for k = 0 .. num_seeds - 1.
+    seeds: list[int] | None = None
+    output: Path = Path("results/replicates.json")
+
+    @model_validator(mode="after")
+    def _explicit_seeds(self) -> "ReplicateConfig":
+        if self.seeds is not None:
+            if len(self.seeds) != self.num_seeds:
+                raise ValueError(f"seeds lists {len(self.seeds)} seeds but num_seeds is {self.num_seeds}")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
+
+    def seeds_for(self, search_seed: int) -> list[int]:
+        """The replicate seeds of a trial searched with ``train.seed = search_seed``.
+
+        Raises:
+            ConfigError: an explicit ``seeds`` list contains ``search_seed``.
+        """
+        if self.seeds is None:
+            return [search_seed + 1000 + k for k in range(self.num_seeds)]
+        if search_seed in self.seeds:
+            raise ConfigError(f"replicate.seeds {self.seeds} contains {search_seed}, the seed (train.seed) the best "
+                              "trial was searched with; replicates need fresh seeds (drop it, or use seeds: null)")
+        return list(self.seeds)
+
+    def seeds_rule(self) -> str:
+        """How the seeds were chosen, in words (written to the stage's output)."""
+        if self.seeds is None:
+            return "search seed + 1000 + k, k = 0 .. num_seeds - 1 (the best trial's train.seed excluded)"
+        return f"explicit replicate.seeds {self.seeds} (the best trial's train.seed excluded)"
 
 
 class EvaluateConfig(_Strict):
@@ -636,8 +686,22 @@ class EvaluateConfig(_Strict):
     output_dir: Path = Path("reports/evaluation")
 
 
+class ClaimsConfig(_Strict):
+    """Which arms play which part in the published claims a study tests (``study.report_claims``)."""
+
+    gaussian: str  # Dorta et al.'s VAE baseline: the factorised (per-pixel) Gaussian
+    structured: list[str] = Field(default_factory=list)  # structured residual arms
+    beta_vae: str | None = None  # a fixed beta > 1, evaluated at beta = 1
+    blur: str | None = None  # the blur-error likelihood (Bredell et al. 2023)
+    control: str | None = None  # the structured precision on the frozen Gaussian mean (study.models.frozen_mean)
+
+    def arms(self) -> list[str]:
+        return [a for a in (self.gaussian, *self.structured, self.beta_vae, self.blur, self.control) if a]
+
+
 class ReportConfig(_Strict):
     output_dir: Path = Path("reports")
+    claims: ClaimsConfig | None = None  # null: no claims table
     # The arm every other arm is compared with, image by image, in the seed-replicate report (paired NLL / MSE
     # differences). null: the first arm whose family is gaussian. A name must be one of the sweep's arms.
     baseline: str | None = None
@@ -654,6 +718,7 @@ class StudyParams(_Strict):
     train: TrainConfig = TrainConfig()
     sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
+    replicate: ReplicateConfig = ReplicateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
 
@@ -668,6 +733,8 @@ class StudyParams(_Strict):
         arms = self.sweep.arms(self.likelihood.family)
         if self.report.baseline is not None and self.report.baseline not in arms:
             raise ValueError(f"report.baseline {self.report.baseline!r} is not one of the sweep's arms: {sorted(arms)}")
+        if self.report.claims is not None and (unknown := [a for a in self.report.claims.arms() if a not in arms]):
+            raise ValueError(f"report.claims names arms the sweep does not have: {unknown} (arms: {sorted(arms)})")
         return self
 
     @model_validator(mode="after")
