@@ -16,8 +16,8 @@ files), so the report agrees with what ``mlflow ui`` shows. Outputs (all written
 - with an ``evaluate`` stage's results (:func:`write_paper_report`): ``tables/`` (Dorta et al. Table 1: NLL,
   avg KL, MI, marginal KL; Table 2: MSE on [0, 255] mean +- std; the AVAE table: MSE, LPIPS, FID; all metrics;
   with seed replicates every metric as mean +- 95% CI over seeds, and ``paired_comparisons``: each arm against
-  the baseline arm, image by image) as Markdown and CSV, and ``figures/``: input / reconstruction / sample grids of every arm side by side,
-  residual maps, MSE against sharpness for all trials with the Pareto front, and variance loss against MSE
+  the baseline arm, image by image) as Markdown and CSV, and ``figures/``: input / reconstruction / sample
+  grids of every arm side by side, residual maps, MSE against sharpness for all trials with the Pareto front, and variance loss against MSE
   for all trials (Asperti 2020).
 """
 
