@@ -48,7 +48,7 @@ from study.sweep_space import _overrides, resolve_overrides
 from study.sweep_state import _read_state, acquire_lock
 from study.sweep_trainable import _hooks_from_env
 from study.system_metrics import monitor_settings
-from study.tracking import PARENT_TAG, TRIAL_TAG, SweepTracker, connect, tracking_uri
+from study.tracking import PARENT_TAG, TRIAL_TAG, SweepTracker, TrackingOutageError, connect, tracking_uri
 
 STATE_SUFFIX = ".replicate_state.json"  # <storage_path>/<sweep name><suffix>: what a re-run needs to resume
 
@@ -240,9 +240,9 @@ def run_replicates(params: StudyParams, workdir: str | Path = ".", resume: bool 
     sweep_trials = {t["trial_id"] for t in summary.get("trials", [])}
     state = _read_state(state_path) if resume else None
     if state is not None and state.get("digest") != digest:
-        print(f"an unfinished replicate set in {storage} had other parameters: starting afresh", flush=True)
-        if state.get("status") != "finished" and state.get("experiment_id") == experiment_id:
-            _interrupt(client, experiment_id, state["parent_run_id"], sweep_trials, state.get("started_ms", 0))
+        print(f"the replicates in {storage} had other parameters: starting afresh", flush=True)
+        if state.get("status") != "finished" and state.get("parent_run_id") == parent:
+            _interrupt(client, experiment_id, parent, sweep_trials, state.get("started_ms", 0))
         state = None
     if state is not None and state.get("status") == "finished":
         if _runs_exist(client, state):
@@ -320,7 +320,9 @@ def run_replicates(params: StudyParams, workdir: str | Path = ".", resume: bool 
                   + "".join(f"; seed {r['seed']} FAILED: {r['error']}" for r in failed), flush=True)
         if resumed:
             _drop_orphans(client, experiment_id, parent, sweep_trials, state["started_ms"], known)
-    except KeyboardInterrupt:
+    except TrackingOutageError:
+        raise  # the store is away: the re-run brings the runs up to date (catch_up), not now
+    except BaseException:  # interrupted, or an error: no replicate run stays RUNNING; a re-run resumes them
         _interrupt(client, experiment_id, parent, sweep_trials, state["started_ms"])
         raise
     atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
