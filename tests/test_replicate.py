@@ -88,7 +88,8 @@ def test_replicates_are_tagged_child_runs_of_the_best_trials(swept, replicated):
             run = runs[record["run_id"]]
             tags = run.data.tags
             assert tags["mlflow.parentRunId"] == summary["parent_run_id"]
-            assert (tags["replicate_of"], tags["seed"], tags["sweep_variant"]) == (best["run_id"], str(record["seed"]), arm)
+            assert (tags["replicate_of"], tags["seed"], tags["sweep_variant"]) == (best["run_id"], str(record["seed"]),
+                                                                                   arm)
             assert tags["ray_trial_id"] == record["trial_id"]
             # The best trial's configuration exactly, but for its seed.
             differing = {k for k in best_params.keys() | run.data.params.keys()
