@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
     from mlflow.entities import Metric, RunTag
+    from tqdm import tqdm
 
     from study.atomic import atomic_directory
     from study.data.loader import DeviceSplit
@@ -124,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, values in result.per_image_arrays().items():
             per_image[f"{arm}/{run_id}/{name}"] = values
         shown = {k: round(v, 3) for k, v in result.metrics.items() if k.endswith(("_mse_255", "_nll", "_ssim", "_sharpness_ratio"))}
-        print(f"evaluated {arm} (run {run_id}) on {len(data)} {cfg.split} images in "
-              f"{time.perf_counter() - started:.1f} s: {shown}; unavailable: {sorted(result.unavailable)}")
+        tqdm.write(f"evaluated {arm} (run {run_id}) on {len(data)} {cfg.split} images in "
+                   f"{time.perf_counter() - started:.1f} s: {shown}; unavailable: {sorted(result.unavailable)}")
         return config, result
 
     evaluated, examples, arm_files = {}, {}, {}
-    for arm, trial in summary["best_per_variant"].items():
+    # One bar over the arms (stderr); the per-arm lines print above it.
+    for arm, trial in tqdm(summary["best_per_variant"].items(), desc="evaluate", unit="arm",
+                           total=len(summary["best_per_variant"]), file=sys.stderr, dynamic_ncols=True):
         if "/" in arm:
             print(f"error: arm name {arm!r} contains '/', which per_image.npz keys use as separator", file=sys.stderr)
             return 1
@@ -160,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "metrics": result.metrics,
                                   "unavailable": result.unavailable})
         extra = {"replicates": done, "replicates_skipped": skipped}
+    # Every arm's selected trial (and each finished replicate) as an MLflow model, models:/<experiment>-<arm>@champion
+    # (replicates @seed-<n>): mlflow.pytorch.load_model gives a module with reconstruct(x) and sample(n).
+    from study.model_registry import register_models
+    from study.tracking import tracking_uri
+
+    for record in register_models(client, tracking_uri(params.tracking), params.tracking.experiment,
+                                  summary["best_per_variant"], images[:1].cpu(), replicates).values():
+        seeds = ", ".join(f"@{r['alias']}" for r in record["replicates"])
+        print(f"registered {record['uri']} (version {record['version']}, run {record['run_id']})"
+              + (f"; replicates {seeds}" if seeds else ""))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **examples)
     per_image_buffer = io.BytesIO()

@@ -25,6 +25,14 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 import ray  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
+#: ``STUDY_VERBOSE=1`` (or ``python -m pipelines.sweep --verbose``): Ray's and Tune's own console output as well
+#: as the sweep's lines (see study/sweep_console.py).
+VERBOSE_ENV = "STUDY_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether ``STUDY_VERBOSE`` asks for Ray's and Tune's own console output (``1`` / ``true`` / ``yes``)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _is_loopback(address: str) -> bool:
@@ -86,7 +94,7 @@ def _init_once(num_cpus: int | None, num_gpus: int | None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = bool(address) and not _is_loopback(address)
     ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"].lower() in ("1", "true")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose())
     else:
         ray.init(
             address="local",
@@ -96,6 +104,9 @@ def _init_once(num_cpus: int | None, num_gpus: int | None) -> None:
             _node_ip_address=LOOPBACK,
             configure_logging=True,
             logging_level="WARNING",
+            # The trials' ray.train INFO lines ("Checkpoint successfully created at: ...", one per epoch) are
+            # worker output; quiet, they stay in Ray's session logs.
+            log_to_driver=verbose(),
         )
 
 
