@@ -21,14 +21,25 @@ Each child run gets:
   ``sample_decomposition.png`` for the structured likelihood: mu, eps, mu + eps; AVAE's
   ``decoder_reconstructions.png``), ``checkpoint/state.pt`` + ``checkpoint/config.yaml`` (weights and what rebuilds the model, loadable with
   ``study.train.load_checkpoint``) and ``checkpoint/metrics.json``.
+
+Training never waits on the tracking store: the sweep's Tune callback hands its writes to a
+:class:`TrackingWriter`, whose thread sends them (consecutive writes of one trial merged into one ``log_batch``)
+and retries them while the store does not answer. The console says once that the store stopped answering and
+once that it is back; an outage longer than ``tracking.outage_budget_s`` ends the sweep with
+:class:`TrackingOutageError`, and the re-run fills in from Ray's per-trial ``result.json`` what MLflow missed
+(:meth:`SweepTracker.catch_up`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +48,6 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from study.config import StudyParams, TrackingConfig, TrialConfig
-
-# Artifact transfers are small files; per-file progress bars only clutter the stage logs.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
@@ -50,10 +58,20 @@ EPOCH_METRICS = ("epoch_seconds", "beta", "variance_minimiser_alpha")
 HEALTH_TIMEOUT_S = float(os.environ.get("STUDY_MLFLOW_HEALTH_TIMEOUT_S", "10"))
 # Checkpoint entries needed only to resume training, left out of the copy logged to MLflow.
 TRAINING_ONLY_STATE = {"optimiser", "optimisers", "auxiliary_optimiser", "generator", "torch_rng", "collapse_run"}
+# A write in flight this long counts as the start of an outage (MLflow's own HTTP retries can hold one call for
+# minutes before it fails, MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT).
+NOTICE_AFTER_S = 30.0
+# MLflow caps one log_batch at 1000 metrics and 100 tags.
+MAX_BATCH_METRICS, MAX_BATCH_TAGS = 1000, 100
 
 
 class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store cannot be reached; raised before a sweep starts so no logs are lost."""
+
+
+class TrackingOutageError(TrackingUnavailableError):
+    """The tracking store stopped answering during a sweep for longer than ``tracking.outage_budget_s``: the
+    sweep stopped (Ray kept every trial's results) and a re-run with the server back brings MLflow up to date."""
 
 
 def tracking_uri(config: TrackingConfig) -> str:
@@ -79,6 +97,8 @@ def connect(config: TrackingConfig) -> tuple[MlflowClient, str]:
     Raises:
         TrackingUnavailableError: the store or server does not answer (the message names the URI).
     """
+    # Artifact transfers are small files; per-file progress bars only clutter the stage logs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(config)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -124,6 +144,7 @@ class SweepTracker:
         data_fingerprint: sha256 of the prepared data (``study.data.store.data_fingerprint``).
         parent_run_id: reuse an existing parent run (resuming a sweep) instead of creating one; it is set
             back to RUNNING.
+        attach: with ``parent_run_id``, only write into it (the sweep callback's own tracker): no MLflow call here.
     """
 
     def __init__(
@@ -133,6 +154,7 @@ class SweepTracker:
         params: StudyParams,
         data_fingerprint: str,
         parent_run_id: str | None = None,
+        attach: bool = False,
     ) -> None:
         self.client = client
         self.experiment_id = experiment_id
@@ -146,7 +168,8 @@ class SweepTracker:
         self.logged_steps: dict[str, int] = {}
         self.tags_set: dict[str, dict[str, str]] = {}
         if parent_run_id is not None:
-            client.update_run(parent_run_id, status="RUNNING")
+            if not attach:
+                client.update_run(parent_run_id, status="RUNNING")
         else:
             run = client.create_run(
                 experiment_id,
@@ -192,6 +215,8 @@ class SweepTracker:
         if existing is not None:
             self.children[trial_id] = existing
             self.client.update_run(existing, status="RUNNING")
+            if not self.client.get_run(existing).data.params:  # created, then the store went away: finish it
+                self._log_trial_config(existing, overrides, config)
             steps = [m.step for m in self.client.get_metric_history(existing, "epoch_seconds")]
             if steps:
                 self.logged_steps[trial_id] = self.epochs_run[trial_id] = max(steps)
@@ -214,12 +239,14 @@ class SweepTracker:
         )
         run_id = run.info.run_id
         self.children[trial_id] = run_id
-        flat = flatten(config.model_dump(mode="json"))
-        self._log_params(run_id, flat)
+        self._log_trial_config(run_id, overrides, config)
+        return run_id
+
+    def _log_trial_config(self, run_id: str, overrides: dict[str, Any], config: TrialConfig) -> None:
+        self._log_params(run_id, flatten(config.model_dump(mode="json")))
         self.client.log_dict(run_id, {k: v for k, v in overrides.items()}, "config/sampled.yaml")
         self.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
                              "config/trial_config.yaml")
-        return run_id
 
     def run_id(self, trial_id: str) -> str | None:
         """The child run of a trial, also one that an earlier driver of a resumed sweep created."""
@@ -229,30 +256,78 @@ class SweepTracker:
 
     def log_epoch(self, trial_id: str, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         """Log one epoch's numeric metrics (step = ``epoch``) and ``extra`` values as metrics of that step."""
-        run_id = self.children[trial_id]
-        step = int(metrics.get("epoch", metrics.get("training_iteration", 0)))
-        if step <= self.logged_steps.get(trial_id, 0):
-            return  # already logged by the driver that ran this epoch first
-        now = int(time.time() * 1000)
-        values = {
-            k: v for k, v in metrics.items() if k.startswith(("train_", "val_")) or k in EPOCH_METRICS
-        } | (extra or {})
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
-        if batch:
-            self.client.log_batch(run_id, metrics=batch)
-        self.epochs_run[trial_id] = step
+        self.send(trial_id, epoch_metrics(metrics, extra), {})
 
     def set_tags(self, trial_id: str, tags: dict[str, Any]) -> None:
         """Set tags on a trial's run, skipping a write when none changed (e.g. where the trial runs)."""
+        self.send(trial_id, [], tags)
+
+    def send(self, trial_id: str, metrics: list[Metric], tags: dict[str, Any]) -> None:
+        """One trial's metrics (of any epochs) and tags, in as few ``log_batch`` calls as MLflow allows. Epochs
+        an earlier driver of a resumed sweep logged already and tags that did not change are left out."""
+        run_id = self.children.get(trial_id)
+        if run_id is None:  # its start was refused by the store (reported then): nothing to write into
+            return
+        logged = self.logged_steps.get(trial_id, 0)
+        metrics = [m for m in metrics if m.step > logged]
         known = self.tags_set.setdefault(trial_id, {})
         changed = {k: str(v) for k, v in tags.items() if v is not None and known.get(k) != str(v)}
-        if changed:
-            self.client.log_batch(self.children[trial_id], tags=[RunTag(k, v) for k, v in changed.items()])
-            known |= changed
+        self._log_batches(run_id, metrics, [RunTag(k, v) for k, v in changed.items()])
+        known |= changed
+        if metrics:
+            self.epochs_run[trial_id] = max(self.epochs_run.get(trial_id, 0), max(m.step for m in metrics))
+
+    def _log_batches(self, run_id: str, metrics: list[Metric], tags: list[RunTag]) -> None:
+        chunks = max(-(-len(metrics) // MAX_BATCH_METRICS), -(-len(tags) // MAX_BATCH_TAGS))
+        for i in range(chunks):
+            self.client.log_batch(run_id, metrics=metrics[i * MAX_BATCH_METRICS : (i + 1) * MAX_BATCH_METRICS],
+                                  tags=tags[i * MAX_BATCH_TAGS : (i + 1) * MAX_BATCH_TAGS])
+
+    def catch_up(
+        self,
+        trial_id: str,
+        rows: list[dict[str, Any]],
+        status: str,
+        epochs: int,
+        start: Callable[[], str],
+        reason: str | None = None,
+        checkpoint: Path | None = None,
+        extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> tuple[int, bool]:
+        """Bring a trial's run up to date with Ray's own record of the trial, e.g. on the re-run after a tracking
+        outage that ended the sweep: the epochs of ``rows`` (the trial's ``result.json`` lines, one per report;
+        for an epoch reported twice, after a restore, the later line) that MLflow lacks are logged with their own
+        step and time, and a run whose status is not ``status`` (FINISHED / FAILED, Ray's verdict) is finished
+        as the callback would have finished it (checkpoint artifacts, ``epochs_run`` tags).
+
+        Args:
+            start: creates the trial's run when the store never saw its start (returns its run id).
+            extra: per row, values logged as metrics of that epoch besides the row's own (PBT's ``pbt.<path>``).
+
+        Returns:
+            (number of epochs logged, whether the run's status was corrected).
+        """
+        run_id = self.run_id(trial_id) or start()
+        self.children[trial_id] = run_id
+        by_step = {int(row.get("epoch", row.get("training_iteration", 0))): row for row in rows}
+        by_step.pop(0, None)
+        logged = {m.step for m in self.client.get_metric_history(run_id, "epoch_seconds")}
+        missing = [step for step in sorted(by_step) if step not in logged]
+        metrics = [
+            metric
+            for step in missing
+            for metric in epoch_metrics(by_step[step], extra(by_step[step]) if extra else None,
+                                        timestamp_ms=int(float(by_step[step].get("timestamp", time.time())) * 1000))
+        ]
+        self._log_batches(run_id, metrics, [])
+        corrected = False
+        if self.client.get_run(run_id).info.status != status:
+            self.epochs_run[trial_id] = max(by_step, default=0)
+            if checkpoint is not None:
+                self.checkpoints[trial_id] = Path(checkpoint)
+            self.finish_trial(trial_id, status, epochs, reason=reason)
+            corrected = True
+        return len(missing), corrected
 
     def remember_checkpoint(self, trial_id: str, directory: str | Path) -> None:
         self.checkpoints[trial_id] = Path(directory)
@@ -316,6 +391,226 @@ class SweepTracker:
         self.client.set_terminated(self.parent_run_id, status=status)
 
 
+def epoch_metrics(result: dict[str, Any], extra: dict[str, Any] | None = None,
+                  timestamp_ms: int | None = None) -> list[Metric]:
+    """One epoch's report as MLflow metrics with ``step`` = its ``epoch``: the ``train_*`` and ``val_*`` values,
+    ``EPOCH_METRICS`` and ``extra``, numbers only; ``timestamp_ms`` defaults to now (ms since the epoch, UTC)."""
+    step = int(result.get("epoch", result.get("training_iteration", 0)))
+    when = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    values = {k: v for k, v in result.items() if k.startswith(("train_", "val_")) or k in EPOCH_METRICS} | (extra or {})
+    return [Metric(k, float(v), when, step) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def read_results(trial_dir: str | Path) -> list[dict[str, Any]]:
+    """A Ray trial's reports, from its ``result.json`` (one JSON object per line; a torn last line, from a
+    killed driver, is skipped). Empty when the trial reported nothing."""
+    path = Path(trial_dir) / "result.json"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed write may succeed later (the store did not answer, or answered with a server error),
+    as opposed to a refusal that retrying would only repeat (an invalid value, a deleted run)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+                                    "DEADLINE_EXCEEDED", "SERVICE_UNDER_MAINTENANCE")
+    try:
+        import requests
+
+        if isinstance(error, requests.RequestException):
+            return True
+    except ImportError:  # pragma: no cover - MLflow depends on requests
+        pass
+    return isinstance(error, OSError | TimeoutError) or type(error).__name__ == "OperationalError"
+
+
+class TrackingWriter:
+    """Sends a :class:`SweepTracker`'s writes from a thread of its own, in the order they were queued, so that a
+    sweep's driver (and so every trial's next epoch) never waits on the tracking store.
+
+    Writes that fail because the store does not answer are retried (every ``retry_s``, doubling to 10 s) until
+    it answers again; the console says once that it stopped answering (a failed write, or one in flight for more
+    than ``notice_after_s``) and once that it is back. After ``budget_s`` seconds without an answer the writer
+    gives up: :meth:`check` returns, and :meth:`drain` raises, a :class:`TrackingOutageError` whose message says
+    how the re-run completes MLflow. A write the store refuses (an invalid value) is reported and dropped.
+    Consecutive metrics and tags of one trial go out as one ``log_batch``.
+
+    Args:
+        tracker: the tracker whose methods the queued writes call (used from the writer's thread only).
+        uri: the tracking URI, for the console lines.
+        budget_s: seconds of outage after which the sweep is stopped (``tracking.outage_budget_s``).
+        notice_after_s: seconds a single write may take before it counts as the start of an outage.
+        retry_s: first wait before a failed write is retried.
+        echo: where the console lines go (``print`` by default).
+    """
+
+    def __init__(self, tracker: SweepTracker, uri: str, budget_s: float, notice_after_s: float = NOTICE_AFTER_S,
+                 retry_s: float = 1.0, echo: Callable[[str], None] | None = None) -> None:
+        self.tracker, self.uri, self.budget_s = tracker, uri, float(budget_s)
+        self.notice_after_s, self.retry_s = float(notice_after_s), float(retry_s)
+        self._echo = echo or (lambda line: print(line, flush=True))
+        self._queue: deque[tuple] = deque()
+        self._cond = threading.Condition()
+        self._inflight: tuple | None = None
+        self._busy_since: float | None = None  # monotonic start of the write being sent
+        self._failing_since: float | None = None  # monotonic start of the current outage
+        self._announced = False
+        self._closing = False
+        self.fatal: TrackingOutageError | None = None
+        self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ queueing (any thread)
+    def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue ``method(*args, **kwargs)`` (a tracker method)."""
+        self._put(("call", method, args, kwargs))
+
+    def log(self, trial_id: str, metrics: list[Metric] = (), tags: dict[str, Any] | None = None) -> None:
+        """Queue metrics and tags of one trial (merged with the trial's neighbouring queued ones)."""
+        self._put(("batch", trial_id, list(metrics), dict(tags or {})))
+
+    def _put(self, item: tuple) -> None:
+        with self._cond:
+            if self.fatal is None:
+                self._queue.append(item)
+                self._cond.notify_all()
+
+    def pending(self) -> int:
+        """Writes queued or being sent."""
+        with self._cond:
+            return len(self._queue) + (self._inflight is not None)
+
+    # ------------------------------------------------------------------ state (any thread)
+    def outage_s(self) -> float | None:
+        """Seconds the store has not answered (None: it answers)."""
+        with self._cond:
+            return self._outage_s_locked()
+
+    def _outage_s_locked(self) -> float | None:
+        now = time.monotonic()
+        since = self._failing_since
+        if since is None and self._busy_since is not None and now - self._busy_since > self.notice_after_s:
+            since = self._busy_since
+        return None if since is None else now - since
+
+    def check(self) -> TrackingOutageError | None:
+        """Print the outage line once an outage starts; the :class:`TrackingOutageError` once it has lasted
+        longer than the budget (then nothing more is sent), else None."""
+        with self._cond:
+            outage = self._outage_s_locked()
+            if outage is not None and not self._announced:
+                self._announced = True
+                self._echo(f"MLflow tracking store {self.uri} is not answering (for {outage:.0f} s): trials keep "
+                           f"training and their logs are queued ({self._pending_locked()} writes); the sweep stops "
+                           f"if it stays unreachable for tracking.outage_budget_s = {self.budget_s:g} s")
+            if outage is not None and outage > self.budget_s and self.fatal is None:
+                self.fatal = TrackingOutageError(
+                    f"the MLflow tracking store {self.uri} did not answer for {outage:.0f} s, longer than "
+                    f"tracking.outage_budget_s = {self.budget_s:g} s: the sweep stopped with "
+                    f"{self._pending_locked()} writes unsent; Ray kept every trial's results, so re-running the "
+                    "stage once the server is back resumes the sweep and brings MLflow up to date"
+                )
+                self._cond.notify_all()
+            return self.fatal
+
+    def _pending_locked(self) -> int:
+        return len(self._queue) + (self._inflight is not None)
+
+    def drain(self) -> None:
+        """Wait until every queued write is sent.
+
+        Raises:
+            TrackingOutageError: the store stayed unreachable past the budget (now, or earlier).
+        """
+        while True:
+            if (fatal := self.check()) is not None:
+                raise fatal
+            with self._cond:
+                if not self._queue and self._inflight is None:
+                    return
+                self._cond.wait(0.5)
+
+    def close(self) -> None:
+        """Stop the thread once the queue is empty (after :meth:`drain`) or at once after an outage."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self.fatal is None:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ the writer's thread
+    def _take(self) -> tuple | None:
+        """The next write, with the queued metrics and tags of the same trial that follow it merged in."""
+        item = self._queue.popleft()
+        if item[0] != "batch":
+            return item
+        _, trial_id, metrics, tags = item
+        while self._queue and self._queue[0][0] == "batch" and self._queue[0][1] == trial_id:
+            _, _, more_metrics, more_tags = self._queue.popleft()
+            metrics, tags = metrics + more_metrics, tags | more_tags
+        return ("batch", trial_id, metrics, tags)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing and self.fatal is None:
+                    self._cond.wait()
+                if self.fatal is not None or not self._queue:
+                    return
+                self._inflight = self._take()
+            self._send(self._inflight)
+            with self._cond:
+                self._inflight = None
+                self._cond.notify_all()
+
+    def _send(self, item: tuple) -> None:
+        wait = self.retry_s
+        while self.fatal is None:
+            with self._cond:
+                self._busy_since = time.monotonic()
+            try:
+                if item[0] == "call":
+                    item[1](*item[2], **item[3])
+                else:
+                    self.tracker.send(item[1], item[2], item[3])
+            except Exception as err:  # noqa: BLE001 - sorted into transient (retried) and refused (dropped)
+                if not _transient(err):
+                    lines = str(err).strip().splitlines()
+                    self._echo(f"MLflow refused a write ({getattr(item[1], '__name__', item[1])}), dropped: "
+                               f"{lines[-1] if lines else type(err).__name__}")
+                    break
+                with self._cond:
+                    if self._failing_since is None:
+                        self._failing_since = self._busy_since
+                self.check()
+                with self._cond:
+                    self._busy_since = None
+                    self._cond.wait_for(lambda: self.fatal is not None, timeout=wait)
+                wait = min(2 * wait, 10.0)
+                continue
+            with self._cond:
+                outage = self._outage_s_locked()
+                back = self._announced
+                self._failing_since = self._busy_since = None
+                self._announced = False
+                if back:
+                    self._echo(f"MLflow tracking store {self.uri} answers again after {outage or 0:.0f} s: sending "
+                               f"the {self._pending_locked()} queued writes")
+            return
+        with self._cond:
+            self._busy_since = None
+
+
 def close_abandoned(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
     """Mark an unfinished sweep that will not be resumed (its parameters changed) and its still-RUNNING
     trials as KILLED, so the store shows no run as live forever."""
@@ -332,4 +627,5 @@ def close_abandoned(client: MlflowClient, experiment_id: str, parent_run_id: str
         client.set_terminated(parent_run_id, status="KILLED")
 
 
-__all__ = ["SweepTracker", "TrackingUnavailableError", "close_abandoned", "connect", "flatten", "tracking_uri"]
+__all__ = ["SweepTracker", "TrackingOutageError", "TrackingUnavailableError", "TrackingWriter", "close_abandoned",
+           "connect", "epoch_metrics", "flatten", "read_results", "tracking_uri"]
