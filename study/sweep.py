@@ -66,7 +66,7 @@ from study.sweep_state import (
     acquire_lock,
     finished_summary,
 )
-from study.sweep_trainable import _hooks_from_env, _trainable
+from study.sweep_trainable import _hooks_from_env, _trainable, scheduler_checkpoint_epochs
 from study.system_metrics import monitor_settings
 from study.tracking import SweepTracker, TrackingOutageError, connect, tracking_uri
 
@@ -183,6 +183,7 @@ def arm_trainable(params: StudyParams, arm_base: TrialConfig, fingerprint: str, 
         tune.with_parameters(
             _trainable, base=arm_base.model_dump(mode="json"), data_dir_relative=relative_data,
             data_sha256=fingerprint, hooks=hooks, system_metrics=system_metrics,
+            checkpoint_epochs=scheduler_checkpoint_epochs(params.sweep.scheduler, arm_base.train.epochs),
         ),
         {"cpu": resources.cpu, "gpu": resources.gpu, "custom_resources": dict(resources.custom)},
     )
@@ -292,16 +293,20 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                         scheduler=_scheduler(params, metric, mode, max_epochs=arm_epochs),
                         num_samples=sweep.num_trials,
                         max_concurrent_trials=None if sweep.searcher.kind == "random" else sweep.max_concurrent,
+                        # A finished trial's worker process, with torch and the study imported, runs the next
+                        # trial (Ray's default for function trainables is a fresh process per trial).
+                        reuse_actors=True,
                     ),
                     run_config=tune.RunConfig(
                         name=path.name,
                         storage_path=str(storage),
                         callbacks=[callback],
                         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                        # One checkpoint per trial, the latest (what a restart resumes and the tracker uploads).
                         # PBT keeps every checkpoint: it re-registers the checkpoints it asks a function
                         # trainable to save, and deleting old ones then fails and blocks its exploit step.
                         checkpoint_config=tune.CheckpointConfig(
-                            num_to_keep=None if sweep.scheduler.kind == "pbt" else 2
+                            num_to_keep=None if sweep.scheduler.kind == "pbt" else 1
                         ),
                         verbose=0,  # one line per finished trial comes from MlflowCallback instead
                     ),

@@ -1,5 +1,7 @@
 """The Ray Tune trainable: one trial in its worker process, from the sampled values to ``study.train.run_trial``,
-reporting every epoch with a checkpoint; where its prepared data is on the worker's node; the test hooks.
+reporting every epoch's metrics, with a checkpoint when one was written (``train.checkpoint_interval_s``, the
+last epoch, and the epochs the scheduler needs: :func:`scheduler_checkpoint_epochs`); where its prepared data is
+on the worker's node; the test hooks.
 
 Ray pickles :func:`_trainable` by reference to this module: a worker imports this module (not the driver,
 ``study.sweep``). A trial's directory is named after the function (``_trainable_<id>_<n>_...``), which the
@@ -10,13 +12,16 @@ Test hooks (environment variables read on the driver and handed to the trials; f
   or sampled-config JSON contains ``<text>`` raises ``NonFiniteLossError`` instead of reporting epoch
   ``STUDY_TEST_NAN_EPOCH`` (default 2) and every later one.
 - ``STUDY_TEST_PID_DIR=<dir>``: each trial process writes ``<dir>/<trial_id>.json`` with its pid, the epoch it
-  started from and its last reported epoch (to kill a trial's worker from outside).
+  started from and its last reported epoch (to kill a trial's worker from outside), and wall-clock times
+  (``time.time()``, seconds): ``entered_at`` (the trainable started), and per reported epoch ``report_times``:
+  [epoch, before ``tune.report``, after it] (``benchmarks/sweep_overhead.py`` reads them).
 - ``STUDY_TEST_EPOCH_SLEEP=<seconds>``: a trial pauses that long after reporting each epoch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -90,6 +95,26 @@ def _write_progress(pid_dir: str, trial_id: str, info: dict[str, Any]) -> None:
     atomic_write_text(Path(pid_dir) / f"{trial_id}.json", json.dumps(info) + "\n")
 
 
+def scheduler_checkpoint_epochs(scheduler: Any, max_epochs: int) -> tuple[int, ...]:
+    """Epochs (1-based) at which a trial must write a checkpoint for the sweep's scheduler (the
+    ``sweep.scheduler`` section: ``kind`` and its fields), besides those ``train.checkpoint_interval_s`` makes due.
+
+    - PBT: every ``perturbation_interval`` epochs: its exploit step restarts a trial from another trial's latest
+      checkpoint, which must be the state at the perturbation point.
+    - ASHA: its rungs, ``grace_period * reduction_factor**k`` (Ray's ``_Bracket``, one bracket): a trial it stops
+      there ends with a checkpoint of its last epoch, whose grids and metrics the tracker uploads.
+    - FIFO: none.
+    """
+    if scheduler.kind == "pbt":
+        step = max(1, int(scheduler.perturbation_interval))
+        return tuple(range(step, max_epochs + 1, step))
+    if scheduler.kind == "asha":
+        grace, factor = min(scheduler.grace_period, max_epochs), float(scheduler.reduction_factor)
+        rungs = int(math.log(max_epochs / grace) / math.log(factor) + 1)
+        return tuple(sorted({min(max_epochs, math.ceil(grace * factor**k)) for k in range(rungs)}))
+    return ()
+
+
 def _trainable(
     config: dict[str, Any],
     base: dict[str, Any],
@@ -97,14 +122,17 @@ def _trainable(
     data_sha256: str | None = None,
     hooks: dict[str, str] | None = None,
     system_metrics: dict[str, Any] | None = None,
+    checkpoint_epochs: tuple[int, ...] = (),
 ) -> None:
-    """Ray Tune function trainable: resolve the trial config, train, report every epoch with a checkpoint.
+    """Ray Tune function trainable: resolve the trial config, train, report every epoch's metrics, with the
+    checkpoint on the epochs that wrote one (``checkpoint_epochs``: :func:`scheduler_checkpoint_epochs`).
 
     Started again with the trial's latest checkpoint after a failure, after a resumed sweep, or by PBT with a
     mutated ``config`` and another trial's checkpoint: training then continues from that checkpoint's epoch
     with the config given now. ``system_metrics`` (:func:`study.system_metrics.monitor_settings`, None: off):
     where the trial's run is, to log its node's MLflow system metrics there while it trains.
     """
+    entered_at = time.time()
     from study.train import NonFiniteLossError, run_trial, select_device  # in the worker: keeps the driver light
 
     hooks = hooks or {}
@@ -124,16 +152,20 @@ def _trainable(
     nan_from = int(hooks["nan_epoch"]) if "nan_epoch" in hooks else 2
     forced_nan = bool(hooks.get("nan_trial")) and hooks["nan_trial"] in label
     sleep = float(hooks.get("epoch_sleep", 0))
-    progress = {"pid": os.getpid(), "node_id": node_id, "start_epoch": 0, "epoch": 0}
+    progress = {"pid": os.getpid(), "node_id": node_id, "start_epoch": 0, "epoch": 0, "entered_at": entered_at,
+                "report_times": []}
 
-    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         epoch = int(metrics.get("epoch", 0))
         if forced_nan and epoch >= nan_from:
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {epoch}: nan (test hook {HOOK_ENV['nan_trial']})"
             )
-        tune.report(metrics | placement, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+        before = time.time()
+        saved = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(metrics | placement, checkpoint=saved)
         if "pid_dir" in hooks:
+            progress["report_times"].append([epoch, before, time.time()])
             _write_progress(hooks["pid_dir"], trial_id, progress | {"epoch": epoch})
         if sleep:
             time.sleep(sleep)
@@ -159,7 +191,8 @@ def _trainable(
             progress |= {"start_epoch": done, "epoch": done}
             _write_progress(hooks["pid_dir"], trial_id, progress)
         try:
-            run_trial(trial_config, report, workdir=workdir, resume_from=resume_from)
+            run_trial(trial_config, report, workdir=workdir, resume_from=resume_from,
+                      checkpoint_epochs=checkpoint_epochs)
         except tuple(_deterministic_errors().values()) as err:
             atomic_write_text(marker, json.dumps({"type": type(err).__name__, "message": str(err)}))
             raise

@@ -4,9 +4,13 @@ Adam on the beta-ELBO (``study.objectives``), horizontal-flip augmentation, a se
 chosen automatically. The prepared splits are loaded once onto the device (``study.data.loader``); per-epoch
 sums stay on the device and are read once per epoch, so the step never waits on the host.
 
-After every epoch the run writes a checkpoint directory (model and optimiser state, RNG states, the resolved
-config, metrics and PNG grids of validation reconstructions and prior samples) and hands it, with the epoch's
-metrics, to ``report``. A run resumed from such a directory continues bit-for-bit where it stopped.
+After every epoch the run hands the epoch's metrics to ``report``, with a checkpoint directory (model and
+optimiser state, RNG states, the resolved config, metrics and PNG grids of validation reconstructions and prior
+samples) when one is due, else None: by time (``train.checkpoint_interval_s``; 0 = every epoch), at the epochs a
+scheduler names (``checkpoint_epochs``) and always at the last epoch (:class:`CheckpointPolicy`). A checkpoint
+costs a full state write and the grids' rendering, far more than a short epoch's compute, so writing one every
+epoch dominated a sweep of short epochs. A run resumed from such a directory continues bit-for-bit where it
+stopped.
 
 The objective is -ELBO with beta on the KL (a number or a schedule over epochs), plus, when configured, the
 variance minimiser alpha(epoch) * ||x - mu(z)||^2 (Dorta et al. 2018, Eq. 14) and minus the Gamma prior on the
@@ -39,14 +43,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
 
 from study.atomic import atomic_directory
 from study.config import GammaPriorConfig, TrialConfig
@@ -59,12 +64,74 @@ from study.objectives import ElboTerms, bits_per_dim, elbo_terms, training_loss
 from study.schedules import ConstantSchedule, Schedule, build_schedule
 from study.speed import SpeedOptions, float32_context, prepare_model, to_memory_format, vae_forward
 
-ReportFn = Callable[[dict[str, float], Path], None]
+#: ``report(metrics, checkpoint directory or None)``: None on epochs without a checkpoint.
+ReportFn = Callable[[dict[str, float], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the trial is recorded as failed with this message."""
+
+
+def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> Tensor:
+    """Images (B, C, H, W) (or one (C, H, W)) tiled ``nrow`` per row with ``padding`` pixels of ``pad_value``
+    around each: (3, H', W') for C in {1, 3} (grey repeated to RGB), the layout of ``torchvision.utils.make_grid``
+    without its normalisation options (tests/test_checkpoint_interval.py compares the two).
+
+    Written here rather than imported because importing torchvision (which pulls in ``torch._dynamo``) was the
+    largest part of a sweep worker's start-up.
+    """
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[0] == 1:
+        return images[0]
+    count, channels, h, w = images.shape
+    columns = min(nrow, count)
+    rows = math.ceil(count / columns)
+    grid = images.new_full((channels, (h + padding) * rows + padding, (w + padding) * columns + padding), pad_value)
+    for k in range(count):
+        y, x = divmod(k, columns)
+        top, left = y * (h + padding) + padding, x * (w + padding) + padding
+        grid[:, top : top + h, left : left + w] = images[k]
+    return grid
+
+
+def save_image(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> None:
+    """Write images in [0, 1] (see :func:`make_grid`) as an 8-bit RGB PNG, rounded to the nearest level as
+    ``torchvision.utils.save_image`` does."""
+    grid = make_grid(images.detach(), nrow=nrow, padding=padding, pad_value=pad_value)
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+
+
+class CheckpointPolicy:
+    """When a run writes its checkpoint: at the last epoch, at ``epochs`` (1-based; a scheduler's needs), every
+    epoch when ``interval_s`` is 0, and otherwise when the next epoch, taking as long as the last one did (from
+    the previous call of :meth:`due` to this one, i.e. with its reporting), would end more than ``interval_s``
+    seconds after the last checkpoint (or the run's start). A run killed at any moment then loses at most
+    ``interval_s`` seconds of work while its epochs keep a steady length (at most one epoch where an epoch takes
+    longer than ``interval_s``).
+
+    ``clock``: seconds, monotonic (``time.monotonic`` unless a test gives another).
+    """
+
+    def __init__(self, interval_s: float, last_epoch: int, epochs: Collection[int] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s, self.last_epoch, self.epochs, self.clock = float(interval_s), last_epoch, set(epochs), clock
+        self.since = self.previous = clock()
+
+    def due(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (1-based, just finished) writes a checkpoint; call once per epoch."""
+        now = self.clock()
+        cycle, self.previous = now - self.previous, now
+        return (epoch >= self.last_epoch or epoch in self.epochs or self.interval_s <= 0
+                or now - self.since + cycle > self.interval_s)
+
+    def written(self) -> None:
+        """The checkpoint was written: the next interval counts from now."""
+        self.since = self.clock()
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -316,15 +383,18 @@ def run_trial(
     report: ReportFn | None = None,
     workdir: str | Path = "trial",
     resume_from: str | Path | None = None,
+    checkpoint_epochs: Collection[int] = (),
 ) -> dict[str, float]:
     """Train one VAE and return the last epoch's metrics.
 
     Args:
         config: the resolved trial config (data directory, model, likelihood, training settings).
-        report: called after every epoch with (metrics, checkpoint directory); a sweep forwards these to Ray
-            Tune. It may raise to stop the run.
-        workdir: where the checkpoint directory ``<workdir>/checkpoint`` is (re)written every epoch.
+        report: called after every epoch with (metrics, checkpoint directory or None when this epoch wrote
+            none: see :class:`CheckpointPolicy`); a sweep forwards these to Ray Tune. It may raise to stop the run.
+        workdir: where the checkpoint directory ``<workdir>/checkpoint`` is (re)written.
         resume_from: a checkpoint directory to continue from (same config).
+        checkpoint_epochs: epochs (1-based) that always write a checkpoint besides the last one and those
+            ``train.checkpoint_interval_s`` makes due (a sweep's PBT perturbation points, ASHA rungs).
 
     Returns:
         The final epoch's metrics (see the module docstring).
@@ -346,7 +416,8 @@ def run_trial(
             raise ValueError("train.precision / channels_last / compile are not implemented for model.kind avae")
         from study.train_avae import run_avae_trial
 
-        return run_avae_trial(config, report, workdir=workdir, resume_from=resume_from)
+        return run_avae_trial(config, report, workdir=workdir, resume_from=resume_from,
+                              checkpoint_epochs=checkpoint_epochs)
 
     train = DeviceSplit(config.data_dir, "train", device)
     val = DeviceSplit(config.data_dir, "val", device)
@@ -380,6 +451,7 @@ def run_trial(
         start_epoch = int(state["epoch"])
 
     checkpoint_dir = Path(workdir) / "checkpoint"
+    policy = CheckpointPolicy(train_cfg.checkpoint_interval_s, train_cfg.epochs, checkpoint_epochs)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, train_cfg.epochs):
         started = time.perf_counter()
@@ -404,9 +476,13 @@ def run_trial(
         metrics["val_bits_per_dim"] = float(bits_per_dim(-metrics["val_elbo"], num_dims))
         metrics["epoch"] = epoch + 1
         metrics["epoch_seconds"] = time.perf_counter() - started
-        _write_checkpoint(checkpoint_dir, config, model, optimiser, auxiliary, generator, epoch + 1, metrics, val)
+        saved = None
+        if policy.due(epoch + 1):
+            _write_checkpoint(checkpoint_dir, config, model, optimiser, auxiliary, generator, epoch + 1, metrics, val)
+            policy.written()
+            saved = checkpoint_dir
         if report is not None:
-            report(dict(metrics), checkpoint_dir)
+            report(dict(metrics), saved)
     return metrics
 
 

@@ -3,7 +3,8 @@
 The same contract as :func:`study.train.run_trial` (``study.train`` dispatches here when
 ``config.model.kind == "avae"``): seeded, device chosen automatically, prepared splits held on the device as
 uint8 (:class:`study.data.loader.DeviceSplit`), horizontal flips, per-epoch sums kept on the device and read once
-per epoch, a checkpoint directory rewritten atomically after every epoch and handed to ``report``, and an exact
+per epoch, a checkpoint directory rewritten atomically whenever one is due (``study.train.CheckpointPolicy``) and
+handed to ``report`` with the epoch's metrics (None on the other epochs), and an exact
 (bit-for-bit on one device) resume from such a directory.
 
 Training follows the official AVAE code (Plumerault et al. 2020): one forward pass per batch,
@@ -36,12 +37,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 import yaml
 from torch import Tensor
-from torchvision.utils import save_image
 
 from study.atomic import atomic_directory
 from study.config import TrialConfig
@@ -166,9 +167,9 @@ def _write_checkpoint(
         )
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        save_image(_train._grid_pairs(x, gen_recon), tmp / "reconstructions.png")
-        save_image(_train._grid_pairs(x, dec_recon), tmp / "decoder_reconstructions.png")
-        save_image(samples, tmp / "samples.png", nrow=8, padding=2, pad_value=1.0)
+        _train.save_image(_train._grid_pairs(x, gen_recon), tmp / "reconstructions.png")
+        _train.save_image(_train._grid_pairs(x, dec_recon), tmp / "decoder_reconstructions.png")
+        _train.save_image(samples, tmp / "samples.png", nrow=8, padding=2, pad_value=1.0)
 
 
 def load_avae_checkpoint(
@@ -195,17 +196,22 @@ def run_avae_trial(
     report: _train.ReportFn | None = None,
     workdir: str | Path = "trial",
     resume_from: str | Path | None = None,
+    checkpoint_epochs: Collection[int] = (),
 ) -> dict[str, float]:
     """Train one AVAE and return the last epoch's metrics.
 
     Args:
         config: the resolved trial config; ``model.kind`` must be ``avae``.
-        report: called after every epoch with (metrics, checkpoint directory); it may raise to stop the run.
-        workdir: the checkpoint directory ``<workdir>/checkpoint`` is (re)written there every epoch, holding
+        report: called after every epoch with (metrics, checkpoint directory or None when this epoch wrote
+            none); it may raise to stop the run.
+        workdir: the checkpoint directory ``<workdir>/checkpoint`` is (re)written there whenever one is due
+            (``study.train.CheckpointPolicy``: by ``train.checkpoint_interval_s``, at ``checkpoint_epochs`` and at
+            the last epoch), holding
             ``state.pt`` (four networks, four optimisers, RNG states, guard counter), ``config.yaml``,
             ``metrics.json``, ``reconstructions.png`` (inputs above G reconstructions),
             ``decoder_reconstructions.png`` (inputs above D reconstructions) and ``samples.png`` (G([z, xi])).
         resume_from: a checkpoint directory of this run to continue from (same config).
+        checkpoint_epochs: epochs (1-based) that always write a checkpoint (a scheduler's needs).
 
     Returns:
         The final epoch's metrics (see the module docstring).
@@ -243,6 +249,7 @@ def run_avae_trial(
         start_epoch, guard_run = int(state["epoch"]), int(state["collapse_run"])
 
     checkpoint_dir = Path(workdir) / "checkpoint"
+    policy = _train.CheckpointPolicy(train_cfg.checkpoint_interval_s, train_cfg.epochs, checkpoint_epochs)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, train_cfg.epochs):
         started = time.perf_counter()
@@ -277,7 +284,11 @@ def run_avae_trial(
         metrics |= evaluate_avae(model, val, train_cfg.batch_size, seed=train_cfg.seed)
         metrics["epoch"] = epoch + 1
         metrics["epoch_seconds"] = time.perf_counter() - started
-        _write_checkpoint(checkpoint_dir, config, model, optimisers, generator, guard_run, epoch + 1, metrics, val)
+        saved = None
+        if policy.due(epoch + 1):
+            _write_checkpoint(checkpoint_dir, config, model, optimisers, generator, guard_run, epoch + 1, metrics, val)
+            policy.written()
+            saved = checkpoint_dir
         if report is not None:
-            report(dict(metrics), checkpoint_dir)
+            report(dict(metrics), saved)
     return metrics

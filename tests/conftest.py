@@ -40,14 +40,15 @@ def prepared_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_trial_config(data_dir: Path, **train):
-    """A seconds-long CPU trial config (small model) on prepared data."""
+    """A seconds-long CPU trial config (small model) on prepared data; a checkpoint every epoch unless ``train``
+    sets ``checkpoint_interval_s`` (the tests of resumption and per-epoch checkpoint contents rely on one)."""
     from study.config import TrialConfig
 
     return TrialConfig.model_validate(
         {
             "data_dir": str(data_dir),
             "model": {"latent_dim": 16, "width": 8},
-            "train": {"epochs": 2, "batch_size": 8, "grid_size": 4, **train},
+            "train": {"epochs": 2, "batch_size": 8, "grid_size": 4, "checkpoint_interval_s": 0, **train},
         }
     )
 

@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_params(work: Path, prepared: Path, **sweep: Any) -> dict[str, Any]:
     """A seconds-per-trial study on ``prepared`` (a prepared 32 x 32 sample) with its stores under ``work``.
 
-    ``sweep`` entries replace those of the default sweep (3 trials, 2 at a time, FIFO, 3 epochs).
+    ``sweep`` entries replace those of the default sweep (3 trials, 2 at a time, FIFO, 3 epochs). Trials
+    checkpoint every epoch (``train.checkpoint_interval_s: 0``) unless ``train`` says otherwise: the resume
+    tests kill a trial after an epoch and expect it to continue from that epoch.
     """
     epochs = sweep.pop("epochs", 3)
     train = sweep.pop("train", {})
@@ -33,7 +35,7 @@ def tiny_params(work: Path, prepared: Path, **sweep: Any) -> dict[str, Any]:
         "datasets": {prepared.name: {"kind": "celeba"}},
         "prepare": {"resolution": 32, "output_root": str(prepared.parent)},
         "model": {"latent_dim": 16, "width": 8},
-        "train": {"epochs": epochs, "batch_size": 8, "grid_size": 4, **train},
+        "train": {"epochs": epochs, "batch_size": 8, "grid_size": 4, "checkpoint_interval_s": 0, **train},
         "sweep": {
             "name": "tiny",
             "dataset": prepared.name,

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 #: ITU-R BT.601 luma weights (R, G, B), the usual RGB -> grey conversion (PIL ``convert('L')``, OpenCV).
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -123,6 +122,10 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
     _check_pair(x, y)
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11 x 11 pixels, got {tuple(x.shape[-2:])}")
+    # Imported here: torchmetrics (with scipy) is most of this module's import time, and training imports the
+    # module for laplacian_variance only.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _, full = structural_similarity_index_measure(
         x,
         y,
