@@ -777,6 +777,20 @@ class StudyParams(_Strict):
 
 
 # ------------------------------------------------------------------------------------------- functions
+def absolute_sqlite_url(uri: str, cwd: str | Path) -> str:
+    """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``) made absolute against ``cwd``; other URLs
+    (an absolute ``sqlite:////...``, ``http://...``, ``postgresql://...``) unchanged. A relative SQLite path
+    means relative to the working directory of whoever opens it; a Ray worker (which runs in its trial's
+    directory) or a DVC experiment's temporary copy needs it made absolute first."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path = uri[len(prefix):]
+    if path.startswith("/") or path in ("", ":memory:"):
+        return uri
+    return prefix + str((Path(cwd) / path).resolve())
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():

@@ -28,7 +28,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from study.config import ConfigError, SearchDimension, StudyParams, TrialConfig, get_path, resolve_trial_config
+from study.config import (
+    ConfigError,
+    SearchDimension,
+    StudyParams,
+    TrialConfig,
+    absolute_sqlite_url,
+    get_path,
+    resolve_trial_config,
+)
 
 INDEX_SUFFIX = "@index"  # searcher-side bookkeeping keys in a trial's config; not config paths
 
@@ -126,8 +134,6 @@ def optuna_storage(url: str | None, workdir) -> "optuna.storages.RDBStorage | No
     ``OptunaSearch`` asks and tells on the driver, so a SQLite file has one writer."""
     if url is None:
         return None
-    from study.system_metrics import absolute_sqlite_url
-
     return optuna.storages.RDBStorage(absolute_sqlite_url(url, workdir))
 
 

@@ -18,6 +18,7 @@ tracking store (a SQLite file that is not on its node) logs nothing rather than 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,23 +26,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from study.config import absolute_sqlite_url
+
 _logger = logging.getLogger(__name__)
 
 #: Seconds a worker waits for the driver's child run of its trial to be visible in the tracking store.
-FIND_RUN_TIMEOUT_S = 30.0
-
-
-def absolute_sqlite_url(uri: str, cwd: str | Path) -> str:
-    """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``) made absolute against ``cwd``; other URLs
-    unchanged. Ray runs a trial in its own directory, so a worker needs the absolute path of the driver's
-    MLflow store (relative to the driver's working directory, as MLflow resolves it)."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return uri
-    path = uri[len(prefix):]
-    if path.startswith("/") or path in ("", ":memory:"):
-        return uri
-    return prefix + str((Path(cwd) / path).resolve())
+FIND_RUN_TIMEOUT_S = 10.0
+#: MLflow's HTTP client retries a failing call for minutes; a worker's monitor gives up on a sample instead
+#: (set in the worker process only, where system metrics are its one use of MLflow), so that an unreachable
+#: server never holds up a trial's end, where the monitor is joined.
+WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def monitor_settings(tracking, parent_run_id: str, experiment_id: str, cwd: str | Path) -> dict[str, Any] | None:
@@ -105,6 +99,8 @@ def trial_system_metrics(settings: dict[str, Any] | None, trial_id: str) -> Iter
     if not settings:
         yield None
         return
+    for key, value in WORKER_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
     if not _store_reachable(settings["tracking_uri"]):
         _logger.warning("system metrics: tracking store %s is not on this node; none logged",
                         settings["tracking_uri"])
