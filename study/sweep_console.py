@@ -6,6 +6,7 @@ Lines (stdout, through ``tqdm.write`` so they never break the bar)::
     trial 3aea03c6 started: {'train.beta': 1.35}
     trial 3aea03c6 epoch 1/3: val_elbo -6976.6
     trial 3aea03c6 failed at epoch 1/3 (NonFiniteLossError: ...); restart 1 of 1 from its last checkpoint
+    trial 3aea03c6 restarted from its epoch-1 checkpoint
     trial 3aea03c6 FAILED at epoch 1/3: NonFiniteLossError: non-finite training loss at epoch 2: nan
     trial 41d54758 stopped early by ASHA at epoch 5/40: val_elbo -6873.9
     trial 41d54758 finished 40/40 epochs: val_elbo -6873.9 {'train.beta': 1.07}
@@ -29,10 +30,12 @@ what quiet mode turns off, all of it Ray's own switches:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import study.sweep_ray  # noqa: F401  (first: it sets Ray's environment switches before ray is imported)
@@ -80,6 +83,16 @@ def configure_output() -> None:
 def tune_verbosity() -> int:
     """``RunConfig.verbose``: 0 in quiet mode (this module prints instead), 1 in verbose mode (Tune's tables)."""
     return 1 if verbose() else 0
+
+
+def _checkpoint_epoch(checkpoint) -> int:
+    """The epoch a trial checkpoint holds (its ``metrics.json``, written by ``study.train.run_trial``); 0: none."""
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((Path(checkpoint.path) / "metrics.json").read_text()).get("epoch", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _write(line: str) -> None:
@@ -169,9 +182,10 @@ class SweepConsole(Callback):
         return f"{self.metric} {value:.1f}" if isinstance(value, (int, float)) else f"{self.metric} n/a"
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        done = self._epoch(trial)
-        if trial.trial_id in self.started or done:
-            self._line(trial, f"restarted from epoch {done}/{self.epochs}")
+        if trial.trial_id in self.started or self._epoch(trial):  # after a failure, or in a resumed sweep
+            saved = _checkpoint_epoch(getattr(trial, "checkpoint", None))
+            self._line(trial, f"restarted from its epoch-{saved} checkpoint" if saved else
+                       "restarted from epoch 0 (no checkpoint yet)")
         else:
             self._line(trial, f"started: {dict(trial.config)}")
         self.started.add(trial.trial_id)
