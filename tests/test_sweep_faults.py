@@ -8,7 +8,9 @@ that earlier outputs are untouched.
   deterministic failure again on the retry;
 - a second driver of a live sweep is refused with the first one's PID; when the process that started the driver
   dies (``dvc repro`` killed outright), the driver stops and marks its runs KILLED; a re-run resumes into the same
-  runs; a re-run after the sweep finished rewrites the summary from MLflow without training.
+  runs; a re-run after the sweep finished rewrites the summary from MLflow without training;
+- ``kill -TERM`` of a running ``dvc repro``: its sweep driver stops, its runs are KILLED with ``interrupted_at``,
+  and the next ``dvc repro`` resumes into the same parent run instead of training a second sweep.
 """
 
 from __future__ import annotations
@@ -158,3 +160,52 @@ def test_orphaned_driver_stops_and_second_driver_is_refused(tmp_path, own_data):
     assert again.returncode == 0 and "summary rewritten from MLflow" in again.stdout
     assert json.loads((work / "results" / "sweep.json").read_text())["parent_run_id"] == parent.info.run_id
     assert len(_runs(work)) == len(runs)
+
+
+def _dvc_project(work: Path, prepared: Path) -> dict[str, str]:
+    """A DVC project in ``work`` with one stage, the real sweep stage on ``prepared``; its environment."""
+    write_params(work, tiny_params(work, prepared, epochs=4, num_trials=2, ray_start_timeout_s=600))
+    (work / "dvc.yaml").write_text(
+        "stages:\n  sweep:\n    cmd: python -m pipelines.sweep --params params.yaml\n    params:\n      - sweep\n"
+        "    outs:\n      - results/sweep.json:\n          cache: false\n          persist: true\n"
+    )
+    # DVC runs the stage with $SHELL -c: /bin/sh (dash on Debian) stays between dvc and the driver where bash
+    # would replace itself with it, the case in which the driver's parent outlives dvc.
+    env = stage_env(DVC_NO_ANALYTICS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), SHELL="/bin/sh")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=work, env=env, check=True)
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_of_dvc_repro_stops_the_sweep_and_the_rerun_resumes(tmp_path, prepared_32):
+    work = tmp_path / "work"
+    env = _dvc_project(work, prepared_32)
+    log = work / "repro.log"
+    dvc = start([sys.executable, "-m", "dvc", "repro"], work, env | {"STUDY_TEST_EPOCH_SLEEP": "2"}, log)
+    try:
+        wait_for(lambda: any(r.info.status == "RUNNING" and r.data.tags.get("kind") != "sweep" for r in _runs(work)),
+                 600, "a running trial", proc=dvc, log=log)
+        driver_pid = int((work / "ray_results" / "tiny.lock").read_text().strip())
+        os.kill(dvc.pid, signal.SIGTERM)  # what `kill -TERM <dvc repro>` does
+        dvc.wait(timeout=60)
+        wait_for(lambda: not Path(f"/proc/{driver_pid}").exists(), 180, "the sweep driver to stop")
+    finally:
+        end_session(dvc.pid)
+    runs = _runs(work)
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "KILLED" and "interrupted_at" in parents[0].data.tags
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert any(r.info.status == "KILLED" and "interrupted_at" in r.data.tags
+               for r in runs if r.data.tags.get("kind") != "sweep")
+    assert not (work / "results" / "sweep.json").exists()
+
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resuming sweep tiny" in again.stdout
+    summary = json.loads((work / "results" / "sweep.json").read_text())
+    assert summary["resumed"] is True and summary["parent_run_id"] == parents[0].info.run_id
+    runs = _runs(work)
+    assert [r.info.status for r in runs if r.data.tags.get("kind") == "sweep"] == ["FINISHED"]  # no second sweep
+    children = [r for r in runs if r.data.tags.get("kind") != "sweep"]
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}

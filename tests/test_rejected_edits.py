@@ -1,0 +1,126 @@
+"""A rejected edit keeps the last results: the whole study under DVC in a temporary copy of the repository.
+
+After one complete ``dvc repro`` (tiny: 32 x 32 images, 2 trials of 2 epochs), each edit below makes the next
+``dvc repro`` fail with a message naming what is wrong, and every output of the pipeline (``data/prepared``,
+``results/``, ``reports/`` with the evaluation) stays byte-identical; undoing the edit leaves ``dvc status``
+with nothing to re-run, so nothing is trained again:
+
+- ``train.epochs: 0`` (the sweep stage rejects it);
+- ``prepare.resolution: 63`` (the prepare stage rejects it);
+- a source JPEG with 200 bytes overwritten mid-scan, which still decodes (the prepare stage rejects it).
+
+Every output is ``persist: true`` in dvc.yaml, so DVC leaves it in place while a stage runs, and every stage
+replaces its outputs only once it succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.data.corruption import overwrite_mid_scan
+from tests.test_pipeline_e2e import _copy_repo, _dvc
+
+OUTPUTS = ("data/prepared", "results", "reports")
+
+
+def _run_dvc(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _snapshot(work: Path) -> dict[str, str]:
+    """sha256 of every file under the pipeline's outputs, and of dvc.lock."""
+    files = [p for root in OUTPUTS for p in sorted((work / root).rglob("*")) if p.is_file()]
+    files.append(work / "dvc.lock")
+    return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("rejected") / "study"
+    _copy_repo(work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["prepare"]["resolution"] = 32
+    params["model"].update(latent_dim=16, width=8)
+    params["train"].update(epochs=2, batch_size=8, grid_size=4)
+    params["sweep"].update(num_trials=2, max_concurrent=2, scheduler={"kind": "fifo"}, ray_start_timeout_s=600)
+    params["evaluate"].update(num_importance_samples=4, num_examples=2)
+    params["replicate"] = {"num_seeds": 0, "output": "results/replicates.json"}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    _dvc(work, "repro")
+    before = _snapshot(work)
+    assert any(k.startswith("reports/evaluation/") for k in before) and "results/sweep.json" in before
+    return work, before
+
+
+def _rejected(work: Path, before: dict[str, str], *names: str) -> str:
+    """``dvc repro`` fails, its output names each of ``names``, and no output changed."""
+    proc = _run_dvc(work, "repro")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    for name in names:
+        assert name in out, out[-4000:]
+    assert _snapshot(work) == before
+    return out
+
+
+def _clean(work: Path) -> None:
+    proc = _run_dvc(work, "status")
+    assert proc.returncode == 0 and "Data and pipelines are up to date" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _edit(work: Path, section: str, key: str, value) -> str:
+    path = work / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return original
+
+
+@pytest.mark.slow
+def test_zero_epochs_is_rejected_and_keeps_every_output(study):
+    work, before = study
+    original = _edit(work, "train", "epochs", 0)
+    try:
+        _rejected(work, before, "train.epochs")
+    finally:
+        (work / "params.yaml").write_text(original)
+    _clean(work)
+
+
+@pytest.mark.slow
+def test_odd_resolution_is_rejected_and_keeps_every_output(study):
+    work, before = study
+    original = _edit(work, "prepare", "resolution", 63)
+    try:
+        _rejected(work, before, "resolution")
+    finally:
+        (work / "params.yaml").write_text(original)
+    _clean(work)
+
+
+@pytest.mark.slow
+def test_corrupt_source_jpeg_is_rejected_and_keeps_every_output(study):
+    work, before = study
+    image = work / "data" / "sample" / "celeba" / "img_align_celeba" / "000007.jpg"
+    original = image.read_bytes()
+    image.write_bytes(overwrite_mid_scan(original))
+    try:
+        _rejected(work, before, "000007.jpg")
+    finally:
+        image.write_bytes(original)
+    _clean(work)
