@@ -62,11 +62,12 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, start_tim
         return
     deadline = time.monotonic() + (start_timeout_s or 0.0)
     attempt = 0
+    # Ray installs a SIGTERM handler of its own (sys.exit); keep the caller's, so a stage that turns SIGTERM into
+    # an orderly stop (pipelines/sweep.py) still does. Read once, before the first attempt: a failed attempt
+    # leaves Ray's handler installed, which a later attempt must not take for the caller's.
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     while True:
         attempt += 1
-        # Ray installs a SIGTERM handler of its own (a crash logger that then exits); keep the caller's, so a
-        # stage that turns SIGTERM into an orderly stop (pipelines/sweep.py) still does.
-        caller_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
             _init_once(num_cpus, num_gpus)
             if callable(caller_sigterm):
@@ -74,6 +75,8 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, start_tim
             return
         except Exception as err:  # Ray raises a bare Exception for its start-up timeout
             ray.shutdown()
+            if callable(caller_sigterm):
+                signal.signal(signal.SIGTERM, caller_sigterm)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if time.monotonic() >= deadline:
                 where = os.environ.get("RAY_ADDRESS") or "an embedded Ray on 127.0.0.1"
