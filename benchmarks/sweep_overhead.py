@@ -22,7 +22,8 @@ Definitions (seconds; "compute" is a trial's ``epoch_seconds`` summed, i.e. its 
   *per-epoch* = the interval between successive ``tune.report`` returns minus that epoch's ``epoch_seconds``
   (checkpoint write and grids, ``tune.report`` with Ray's checkpoint persistence, the hook's own small write),
   split into *report* (inside ``tune.report``) and the rest; *end* = MLflow run end - last report's return
-  (the trial's shut-down, the driver's artifact upload, closing the run);
+  (the trial's shut-down, the driver's artifact upload, closing the run), less the epochs after that report
+  at the trial's median cadence (a trial the scheduler stops never returns from its last ``tune.report``);
 - shares are of the trial's compute (per-epoch: of the mean epoch's compute).
 
 Every ratio is measured in one run, so a loaded machine slows both sides alike; absolute seconds are not
@@ -174,8 +175,14 @@ def sweep_trials(work: Path, summary: dict[str, Any], progress_dir: Path) -> lis
                 per_epoch.append(after1 - after0 - compute[e1])
                 in_report.append(after1 - before1)
         epoch_overhead = statistics.median(per_epoch) if per_epoch else float("nan")
+        overhead = epoch_overhead if per_epoch else 0.0
         first_epoch, _, first_after = reports[0]
-        start_cost = first_after - compute.get(first_epoch, 0.0) - (epoch_overhead if per_epoch else 0.0) - start_ms / 1e3
+        start_cost = first_after - compute.get(first_epoch, 0.0) - overhead - start_ms / 1e3
+        # A trial the scheduler stops (ASHA at a rung or at max_t) is stopped inside its last tune.report, which
+        # never returns: its last epochs are counted at the trial's median cadence before the end cost.
+        last_recorded = reports[-1][0]
+        unrecorded = [e for e in compute if e > last_recorded]
+        end_cost = end_ms / 1e3 - reports[-1][2] - sum(compute[e] for e in unrecorded) - overhead * len(unrecorded)
         total_compute = sum(compute.values())
         mean_epoch = total_compute / max(1, len(compute))
         rows.append({
@@ -186,8 +193,9 @@ def sweep_trials(work: Path, summary: dict[str, Any], progress_dir: Path) -> lis
             "per_epoch_s": epoch_overhead,
             "per_epoch_report_s": statistics.median(in_report) if in_report else float("nan"),
             "per_epoch_share": epoch_overhead / mean_epoch if per_epoch else float("nan"),
-            "end_s": end_ms / 1e3 - reports[-1][2],
+            "end_s": end_cost,
             "mean_epoch_compute_s": mean_epoch,
+            "raw": {"run_start_ms": start_ms, "run_end_ms": end_ms, "epoch_seconds": compute, "progress": info},
         })
     return rows
 
@@ -276,7 +284,20 @@ def main() -> None:
     parser.add_argument("--no-bare", action="store_true", help="skip the bare run_trial comparison")
     parser.add_argument("--note", default="", help="a note on the machine (e.g. its load) for the header")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    parser.add_argument("--reanalyse", nargs=2, type=Path, metavar=("JSON", "FOLDER"),
+                        help="recompute the per-trial figures of an earlier run's JSON from its kept folder "
+                             "(progress/, params.yaml, mlflow.db, the sweep summary) instead of running anything")
     args = parser.parse_args()
+    if args.reanalyse:
+        earlier, folder = args.reanalyse
+        result = json.loads(earlier.read_text())
+        raw = yaml.safe_load((folder / "params.yaml").read_text())
+        summary = json.loads((folder / raw["sweep"].get("output", "results/sweep.json")).read_text())
+        result["sweep"]["trials"] = sweep_trials(folder.resolve(), summary, folder / "progress")
+        result["summary"] = summarise(result)
+        os.chdir(REPO)
+        _write(result, args)
+        return
 
     import mlflow
     import ray
@@ -324,6 +345,10 @@ def main() -> None:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+    _write(result, args)
+
+
+def _write(result: dict[str, Any], args: argparse.Namespace) -> None:
     text = markdown(result)
     print(text)
     if args.md:

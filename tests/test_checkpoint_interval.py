@@ -165,7 +165,7 @@ def test_killed_trial_loses_at_most_the_checkpoint_interval(tmp_path, prepared_3
     progress = tmp_path / "progress"
     progress.mkdir()
     write_params(tmp_path, tiny_params(tmp_path, prepared_32, epochs=epochs, num_trials=1, max_failures=2,
-                                       train={"checkpoint_interval_s": interval}))
+                                       ray_start_timeout_s=600, train={"checkpoint_interval_s": interval}))
     env = stage_env(STUDY_TEST_PID_DIR=str(progress), STUDY_TEST_EPOCH_SLEEP="1.5")
     log = tmp_path / "sweep.log"
     proc = start([sys.executable, "-m", "pipelines.sweep", "--params", "params.yaml"], tmp_path, env, log)
@@ -203,7 +203,7 @@ def test_every_trial_ends_with_its_artifacts(tmp_path, prepared_32):
     """With the default interval (no checkpoint by time in a seconds-long trial) and ASHA stopping trials: every
     trial's run has its grids, slim checkpoint and the metrics.json of its last epoch."""
     params = tiny_params(tmp_path, prepared_32, epochs=4, num_trials=4, max_concurrent=2,
-                         scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                         scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2}, ray_start_timeout_s=600,
                          train={"checkpoint_interval_s": 60})
     write_params(tmp_path, params)
     log = tmp_path / "sweep.log"
