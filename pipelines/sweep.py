@@ -13,14 +13,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
+from pathlib import Path
 
 from pipelines.common import stage_arguments
 from study.config import ConfigError
+
+# Shells whose `-c` process may stay between `dvc repro` and the stage (see _watch_past_shell).
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
 
 
 def _options(parser) -> None:
     parser.add_argument("--no-resume", action="store_true",
                         help="start afresh even when an unfinished sweep with the same parameters can be resumed")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's and Tune's own output (worker INFO lines such as 'Checkpoint "
+                             "successfully created', Tune's tables); same as STUDY_VERBOSE=1")
 
 
 def _stop_with_parent() -> None:
@@ -35,10 +44,50 @@ def _stop_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
+        _watch_past_shell()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...; index 19 is the start time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_past_shell(poll_s: float = 1.0) -> None:
+    """``dvc repro`` runs a stage as ``$SHELL -c <cmd>`` (``/bin/sh`` without ``SHELL``). bash replaces itself
+    with the command, so the parent that ``PR_SET_PDEATHSIG`` watches is ``dvc``; dash (``/bin/sh`` on Debian)
+    stays as the parent, waiting, when ``dvc`` dies. With such a ``-c`` shell as the parent, a thread also watches
+    the shell's parent (by pid and start time) and sends this process SIGTERM once it is gone."""
+    parent = os.getppid()
+    try:
+        args = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if len(args) < 2 or Path(args[0].decode(errors="replace")).name not in SHELLS or b"-c" not in args[1:]:
+        return
+    fields = _proc_stat(parent)
+    launcher = int(fields[1]) if fields else 1
+    started = (_proc_stat(launcher) or [""] * 20)[19]
+    if launcher <= 1:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            now = _proc_stat(launcher)
+            if now is None or now[0] == "Z" or now[19] != started or os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
     args, params = stage_arguments(argv, __doc__, _options)
+    if args.verbose:  # read by study.sweep_ray and study.sweep_console, and inherited by Ray's processes
+        os.environ["STUDY_VERBOSE"] = "1"
     try:
         params.sweep.check_paths(params.base_trial_config())
     except ConfigError as err:

@@ -31,7 +31,10 @@ Failures:
   (``<storage_path>/<name>.sweep_state.json``: parent run id, parameter digest, finished arms) and, when the
   parameters are unchanged, reuses the parent run and continues the unfinished arm with ``Tuner.restore``:
   finished and errored trials are kept, unfinished ones resume from their checkpoints in their own runs.
-- An unreachable MLflow server fails the sweep before Ray starts (``study.tracking.connect``).
+- An unreachable MLflow server fails the sweep before Ray starts (``study.tracking.connect``). One that goes
+  away during the sweep does not stall it (the callback's writes are queued, ``study.tracking.TrackingWriter``);
+  past ``tracking.outage_budget_s`` the sweep stops with ``TrackingOutageError``, and the re-run fills in what
+  MLflow missed from Ray's results (``study.sweep_callback.catch_up``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from study.data.store import data_fingerprint, verify_prepared
 from study.likelihoods import family_elbo_valid, trial_elbo_valid
 from study.selection import select_best
 from study.sweep_callback import MlflowCallback, _error_line, catch_up
+from study.sweep_console import _PROGRESS, SweepConsole, SweepProgress, configure_output, tune_verbosity
 from study.sweep_references import check_references, referenced_arms, resolve_references
 from study.sweep_space import _overrides, _param_space, _scheduler, _searcher, optuna_storage, resolve_overrides
 from study.sweep_space import DefineByRunSpace  # noqa: F401  (named here in Ray state of sweeps started before the split)
@@ -255,6 +259,9 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
     studies = optuna_storage(sweep.searcher.storage, workdir)
     trials: list[dict[str, Any]] = []
     known_trials: set[str] = set()
+    configure_output()  # quiet unless STUDY_VERBOSE: one line per trial event and one bar for the sweep
+    done_before = sum(len(a.get("trials", [])) for a in state["arms"].values() if a.get("status") == "finished")
+    progress = _PROGRESS[tracker.parent_run_id] = SweepProgress(sweep.name, sweep.num_trials * len(arms), done_before)
     try:
         _save_state(state_path, state)
         # One search per arm with the same budget, so arms are compared at equal tuning effort.
@@ -300,7 +307,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                     run_config=tune.RunConfig(
                         name=path.name,
                         storage_path=str(storage),
-                        callbacks=[callback],
+                        callbacks=[callback, SweepConsole(tracker.parent_run_id, variant, metric, mode, arm_epochs,
+                                                          sweep.scheduler.kind, show_arm=len(arms) > 1)],
                         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                         # One checkpoint per trial, the latest (what a restart resumes and the tracker uploads).
                         # PBT keeps every checkpoint: it re-registers the checkpoints it asks a function
@@ -308,7 +316,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                         checkpoint_config=tune.CheckpointConfig(
                             num_to_keep=None if sweep.scheduler.kind == "pbt" else 1
                         ),
-                        verbose=0,  # one line per finished trial comes from MlflowCallback instead
+                        verbose=tune_verbosity(),  # quiet: SweepConsole prints one line per trial event
                     ),
                 )
             results, interrupted = _fit(tuner)
@@ -321,6 +329,7 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
             arm_trials = _collect(results, tracker, variant, arm_base.family, metric, mode, arm_base=arm_base,
                                   max_epochs=arm_epochs)
             trials += arm_trials
+            progress.sync(len(trials))
             known_trials |= {t["trial_id"] for t in arm_trials}
             state["arms"][variant] = {"status": "finished", "trials": arm_trials}
             _save_state(state_path, state)
@@ -334,6 +343,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
     except BaseException:
         tracker.finish_sweep("FAILED")
         raise
+    finally:
+        _PROGRESS.pop(tracker.parent_run_id, progress).close()
 
     best, best_per_variant = best_trials(trials, list(arms), sweep.metric, sweep.mode)
     summary = {
