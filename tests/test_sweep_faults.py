@@ -183,8 +183,12 @@ def test_sigterm_of_dvc_repro_stops_the_sweep_and_the_rerun_resumes(tmp_path, pr
     log = work / "repro.log"
     dvc = start([sys.executable, "-m", "dvc", "repro"], work, env | {"STUDY_TEST_EPOCH_SLEEP": "2"}, log)
     try:
-        wait_for(lambda: any(r.info.status == "RUNNING" and r.data.tags.get("kind") != "sweep" for r in _runs(work)),
-                 600, "a running trial", proc=dvc, log=log)
+        # The state file first: a client opening the SQLite store before the driver created it would race its
+        # schema migration.
+        state_file = work / "ray_results" / "tiny.sweep_state.json"
+        wait_for(lambda: state_file.is_file() and any(r.info.status == "RUNNING" and r.data.tags.get("kind") != "sweep"
+                                                      for r in _runs(work)),
+                 900, "a running trial", proc=dvc, log=log)
         driver_pid = int((work / "ray_results" / "tiny.lock").read_text().strip())
         os.kill(dvc.pid, signal.SIGTERM)  # what `kill -TERM <dvc repro>` does
         dvc.wait(timeout=60)
