@@ -4,10 +4,10 @@ epochs each on the 32 x 32 sample), then every arm's best trial trained again wi
 Checked against MLflow itself: each replicate is a child run of the sweep's parent with the replicate tags and the
 best trial's configuration (every logged param equal but ``train.seed``); the seeds are distinct and never the
 search seed; ``replicates.json`` agrees with the runs (ids, statuses, each metric's last logged value); a re-run
-trains nothing again (also an interrupted arm, restored from Ray's state); a replicate that fails
-deterministically is FAILED with its reason while the other seed finishes; ``num_seeds: 0`` writes an empty
-``arms`` without starting Ray or touching the tracking store; an explicit seed list holding the search seed fails
-before anything starts.
+trains nothing again (also an interrupted arm, restored from Ray's state); a stage stopped by SIGTERM mid-training
+resumes into the same runs; a replicate that fails deterministically is FAILED with its reason while the other
+seed finishes; ``num_seeds: 0`` writes an empty ``arms`` without starting Ray or touching the tracking store; an
+explicit seed list holding the search seed fails before anything starts.
 """
 
 from __future__ import annotations
@@ -200,6 +200,51 @@ def test_explicit_seeds_holding_the_search_seed_fail_before_anything(swept, tmp_
 def test_bad_replicate_params_name_the_field(replicate, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         parse_params({"replicate": replicate})
+
+
+def test_a_stopped_stage_resumes_into_the_same_runs(swept, tmp_path):
+    """SIGTERM to the stage while a replicate trains (what ``kill -TERM`` or a stopped ``dvc repro`` sends): exit
+    130, its runs KILLED with ``interrupted_at``; the re-run (another seed list: another replicate set) resumes
+    those runs from their checkpoints and finishes them without logging an epoch twice."""
+    import os
+    import signal
+
+    from study.replicate import run_replicates
+    from tests.sweep_support import end_session, read_json, start, wait_for
+
+    raw, summary, client, work = swept
+    seeds = [3001, 3002]
+    params = dict(raw, replicate={"num_seeds": 2, "seeds": seeds, "output": str(tmp_path / "r.json")},
+                  sweep=raw["sweep"] | {"ray_start_timeout_s": 600})  # the stage starts a Ray of its own
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    pids, log = tmp_path / "pids", tmp_path / "stage.log"
+    pids.mkdir()
+    # Each trial pauses after every epoch, so the stop lands between epoch 1 and 2.
+    proc = start([sys.executable, "-m", "pipelines.replicate", "--params", str(path)], REPO,
+                 stage_env(STUDY_TEST_EPOCH_SLEEP="30", STUDY_TEST_PID_DIR=str(pids)), log)
+    try:
+        wait_for(lambda: any((read_json(f) or {}).get("epoch", 0) >= 1 for f in pids.glob("*.json")), 900,
+                 "a replicate's first epoch", proc=proc, log=log)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    finally:
+        end_session(proc.pid)
+    assert not (tmp_path / "r.json").exists()
+    new = [r for r in child_runs(client, summary["experiment_id"], summary["parent_run_id"])
+           if r.data.params.get("train.seed") in {str(s) for s in seeds}]
+    assert new and {r.info.status for r in new} == {"KILLED"} and all("interrupted_at" in r.data.tags for r in new)
+    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+
+    result = run_replicates(parse_params(params), workdir=work)
+    records = {r["run_id"]: r for arm in ARMS for r in result["arms"][arm]["replicates"]}
+    assert {r.info.run_id for r in new} <= set(records)  # resumed into the stopped runs, none replaced
+    after = [r for r in child_runs(client, summary["experiment_id"], summary["parent_run_id"])
+             if r.data.params.get("train.seed") in {str(s) for s in seeds}]
+    assert {r.info.run_id for r in after} == set(records) and len(records) == len(ARMS) * len(seeds)
+    for run_id, record in records.items():
+        assert record["status"] == client.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "val_elbo")] == list(range(1, EPOCHS + 1))
 
 
 def test_a_deterministic_failure_is_failed_and_the_other_seed_finishes(swept, replicated, monkeypatch, tmp_path):
