@@ -168,8 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     from study.model_registry import register_models
     from study.tracking import tracking_uri
 
-    for record in register_models(client, tracking_uri(params.tracking), params.tracking.experiment,
-                                  summary["best_per_variant"], images[:1].cpu(), replicates).values():
+    try:
+        registered = register_models(client, tracking_uri(params.tracking), params.tracking.experiment,
+                                     summary["best_per_variant"], images[:1].cpu(), replicates)
+    except Exception as err:  # noqa: BLE001 - the registry is an extra: never lose the evaluation over it
+        print(f"warning: models not registered in the MLflow model registry ({type(err).__name__}: "
+              f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); the evaluation is kept",
+              file=sys.stderr)
+        registered = {}
+    for record in registered.values():
         seeds = ", ".join(f"@{r['alias']}" for r in record["replicates"])
         print(f"registered {record['uri']} (version {record['version']}, run {record['run_id']})"
               + (f"; replicates {seeds}" if seeds else ""))
