@@ -125,6 +125,8 @@ def test_no_tracked_file_points_outside_the_repository():
 # The offending strings are assembled from pieces so that this file does not contain them itself.
 _W, _R, _S = "/" + "work", "/" + "root", "SP" + "EC"
 _EX_SHARED, _EX_HOME, _EX_UP = "sha" + "red", "ho" + "me", "." + "."
+_EX_HOME_DIR = "/".join(["", _EX_HOME, "alice", "celeba"])
+_EX_PARENT = "REPO." + "par" + "ent"
 
 
 @pytest.mark.parametrize(
@@ -133,9 +135,9 @@ _EX_SHARED, _EX_HOME, _EX_UP = "sha" + "red", "ho" + "me", "." + "."
         f'CELEBA = Path("{_W}/{_EX_SHARED}/data/celeba-sample/img_align_celeba")',
         f"see {_R}/.cache/x",
         f"cd {_W} && make",
-        f"    data = Path('/{_EX_HOME}/alice/celeba')",
+        f"    data = Path('{_EX_HOME_DIR}')",
         f'pytest.skip("{_EX_UP}/{_EX_SHARED}/data/list.txt is not beside the repository")',
-        'SHARED_DATA = REPO.par' + 'ent / "shared" / "data"',
+        f'SHARED_DATA = {_EX_PARENT} / "{_EX_SHARED}" / "data"',
         f"# Asperti's variance loss, the formula of {_S} 4.1",
         f'"""Larsen et al. 2016\'s crop ({_S} §3.3)."""',
         "space compare directly (DESIGN" + ".md, 'The likelihood interface').",
