@@ -91,26 +91,25 @@ def _edit(work: Path, section: str, key: str, value) -> str:
     return original
 
 
-@pytest.mark.slow
-def test_zero_epochs_is_rejected_and_keeps_every_output(study):
+def _rejected_edit(study, section: str, key: str, value, named: str) -> None:
+    """Edit params.yaml, check the rejected repro kept every output, restore it, check nothing is left to run."""
     work, before = study
-    original = _edit(work, "train", "epochs", 0)
+    original = _edit(work, section, key, value)
     try:
-        _rejected(work, before, "train.epochs")
+        _rejected(work, before, named)
     finally:
         (work / "params.yaml").write_text(original)
     _clean(work)
+
+
+@pytest.mark.slow
+def test_zero_epochs_is_rejected_and_keeps_every_output(study):
+    _rejected_edit(study, "train", "epochs", 0, "train.epochs")
 
 
 @pytest.mark.slow
 def test_odd_resolution_is_rejected_and_keeps_every_output(study):
-    work, before = study
-    original = _edit(work, "prepare", "resolution", 63)
-    try:
-        _rejected(work, before, "resolution")
-    finally:
-        (work / "params.yaml").write_text(original)
-    _clean(work)
+    _rejected_edit(study, "prepare", "resolution", 63, "resolution")
 
 
 @pytest.mark.slow
