@@ -55,20 +55,19 @@ def load_model(source: str, tracking_uri: str | None):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from study.model_registry import ARTIFACT_NAME, servable_from_checkpoint
+    from study.model_registry import ARTIFACT_NAME, fluent_store, servable_from_checkpoint
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    if ":/" in source:
-        return mlflow.pytorch.load_model(source, map_location="cpu")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.get_run(source)  # an unknown run id fails here, naming it
-    names = {f.path for f in client.list_artifacts(source)}
-    if "checkpoint" in names:
-        with tempfile.TemporaryDirectory() as tmp:
-            return servable_from_checkpoint(client.download_artifacts(source, "checkpoint", tmp), "cpu")
-    return mlflow.pytorch.load_model(f"runs:/{source}/{ARTIFACT_NAME}", map_location="cpu")
+    store = tracking_uri or mlflow.get_tracking_uri()
+    with fluent_store(store):  # no process-wide URI outlives the call
+        if ":/" in source:
+            return mlflow.pytorch.load_model(source, map_location="cpu")
+        client = MlflowClient(tracking_uri=store, registry_uri=store)
+        client.get_run(source)  # an unknown run id fails here, naming it
+        names = {f.path for f in client.list_artifacts(source)}
+        if "checkpoint" in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                return servable_from_checkpoint(client.download_artifacts(source, "checkpoint", tmp), "cpu")
+        return mlflow.pytorch.load_model(f"runs:/{source}/{ARTIFACT_NAME}", map_location="cpu")
 
 
 def load_folder(folder: Path, resolution: int, color: str, limit: int):

@@ -20,8 +20,10 @@ would lose ``sample`` and the other methods); like any pickle, load only models 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,25 +160,47 @@ def _requirements() -> list[str]:
             f"numpy=={numpy.__version__}", f"pydantic=={pydantic.__version__}", f"pyyaml=={yaml.__version__}"]
 
 
-def log_servable(run_id: str, servable: ServableModel, example: Tensor, tracking_uri: str) -> str:
+@contextmanager
+def fluent_store(uri: str):
+    """Point MLflow's fluent API (``start_run``, ``log_model``, ``load_model("models:/...")``) at the store
+    ``uri`` (tracking and registry) for the block, then put back what was there.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` are process-wide and exported to child processes
+    (``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI``, which this project also reads), so without the restore a
+    process that touched one store would send its later runs and sub-processes there.
+    """
+    import mlflow
+
+    # set_*_uri keep these variables equal to MLflow's own globals.
+    previous = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous["MLFLOW_TRACKING_URI"])  # None unsets it
+        mlflow.set_registry_uri(previous["MLFLOW_REGISTRY_URI"])
+        if previous["MLFLOW_REGISTRY_URI"] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves the variable
+
+
+def log_servable(run_id: str, servable: ServableModel, example: Tensor, tracking_uri: str):
     """Log ``servable`` with ``mlflow.pytorch.log_model`` into run ``run_id`` (artifact ``model``), with the
     input example ``example`` (float32 (1, C, H, W) in [0, 1]), the signature inferred from it and the ``study``
-    sources as ``code_paths``. Returns the logged model's URI."""
+    sources as ``code_paths``. Returns MLflow's ``ModelInfo`` (``model_uri``, ``model_id``)."""
     import mlflow
     from mlflow.models import infer_signature
 
     servable = servable.cpu().eval()
     x = example[:1].detach().float().cpu()
     signature = infer_signature(x.numpy(), servable(x).numpy())
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
+    with tempfile.TemporaryDirectory() as tmp, fluent_store(tracking_uri), mlflow.start_run(run_id=run_id):
+        return mlflow.pytorch.log_model(
             servable, name=ARTIFACT_NAME, signature=signature, input_example=x.numpy(),
             code_paths=[str(_code_copy(Path(tmp)))], pip_requirements=_requirements(),
             # MLflow 3's default "pt2" is a torch.export graph of forward() alone: no sample() / reconstruct().
             serialization_format="pickle",
         )
-    return info.model_uri
 
 
 def register_run(client, tracking_uri: str, name: str, run_id: str, alias: str, example: Tensor,
@@ -189,24 +213,34 @@ def register_run(client, tracking_uri: str, name: str, run_id: str, alias: str, 
     Returns:
         ``name``, ``version``, ``alias``, ``uri`` (``models:/<name>@<alias>``), ``run_id``.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
+    # A client made without registry_uri takes the process-wide one (MLFLOW_REGISTRY_URI), which may name
+    # another store: this store's registry is named explicitly, and nothing process-wide is set here.
+    registry = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = None
     recorded = client.get_run(run_id).data.tags.get(VERSION_TAG, "")
     if recorded.startswith(f"{name}/"):
         try:
-            version = client.get_model_version(name, recorded.rsplit("/", 1)[1]).version
+            version = registry.get_model_version(name, recorded.rsplit("/", 1)[1]).version
         except MlflowException:
             version = None
     if version is None:
         with tempfile.TemporaryDirectory() as tmp:
             servable = servable_from_checkpoint(client.download_artifacts(run_id, "checkpoint", tmp), device)
-        model_uri = log_servable(run_id, servable, example, tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        version = mlflow.register_model(model_uri, name, tags={"run_id": run_id, **(tags or {})}).version
+        info = log_servable(run_id, servable, example, tracking_uri)
+        try:
+            registry.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        with fluent_store(tracking_uri):  # the registry resolves the models:/m-... source through it
+            version = registry.create_model_version(name, source=info.model_uri, run_id=run_id,
+                                                    model_id=info.model_id,
+                                                    tags={"run_id": run_id, **(tags or {})}).version
         client.set_tag(run_id, VERSION_TAG, f"{name}/{version}")
-    client.set_registered_model_alias(name, alias, version)
+    registry.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": str(version), "alias": alias, "uri": f"models:/{name}@{alias}", "run_id": run_id}
 
 

@@ -102,7 +102,7 @@ def connect(config: TrackingConfig) -> tuple[MlflowClient, str]:
     uri = tracking_uri(config)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         experiment = client.get_experiment_by_name(config.experiment)
         if experiment is not None:

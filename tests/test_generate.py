@@ -48,7 +48,7 @@ def structured_run(tmp_path_factory, prepared_32):
     })
     run_trial(config, workdir=work / "trial")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("gen", artifact_location=str(work / "mlartifacts")))
     for name in ("state.pt", "config.yaml"):
         client.log_artifact(run.info.run_id, str(work / "trial" / "checkpoint" / name), "checkpoint")

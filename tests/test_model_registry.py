@@ -43,7 +43,7 @@ def trained_runs(tmp_path_factory, prepared_32):
     run_trial(config, workdir=work / "trial")
     checkpoint = work / "trial" / "checkpoint"
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(work / "mlartifacts"))
     run_ids = []
     for _ in range(2):
@@ -80,7 +80,10 @@ def test_champion_and_replicate_aliases(trained_runs, registered):
     # The logged model carries a signature for (B, 3, 32, 32) float32 images.
     import mlflow
 
-    info = mlflow.models.get_model_info("models:/tiny-structured@champion")
+    from study.model_registry import fluent_store
+
+    with fluent_store(trained_runs[1]):
+        info = mlflow.models.get_model_info("models:/tiny-structured@champion")
     assert json.loads(info.signature.to_dict()["inputs"])[0]["tensor-spec"]["shape"] == [-1, 3, 32, 32]
 
 
@@ -92,6 +95,33 @@ def test_registering_again_reuses_the_version(trained_runs, registered):
                             images[:1])
     assert again["structured"]["version"] == registered["structured"]["version"]
     assert len(client.search_model_versions("name = 'tiny-structured'")) == 2
+
+
+def test_a_process_wide_registry_of_another_store_is_not_used(tmp_path, trained_runs, registered):
+    """An earlier registration in the same process (another study's store) leaves MLflow's process-wide registry
+    URI pointing there; a client made without ``registry_uri`` then reads that registry. Registering into this
+    store must still find and alias this store's version (seen as "Registered Model ... not found" in CI)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from study.model_registry import register_run
+
+    _, uri, client, run_ids, _, images = trained_runs
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    before = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(other)
+    tracking_before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        stale = MlflowClient(tracking_uri=uri)  # its registry is the other store's
+        assert stale._registry_uri == other
+        record = register_run(stale, uri, "tiny-structured", run_ids[0], "champion", images[:1])
+        # Nothing process-wide (which child processes inherit) now names this store.
+        assert os.environ.get("MLFLOW_REGISTRY_URI") == other
+        assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_before
+    finally:
+        mlflow.set_registry_uri(before)
+    assert record["version"] == registered["structured"]["version"]
+    assert client.get_model_version_by_alias("tiny-structured", "champion").run_id == run_ids[0]
 
 
 def test_fresh_process_loads_through_mlflow_alone(tmp_path, trained_runs, registered):
@@ -113,7 +143,7 @@ def test_fresh_process_loads_through_mlflow_alone(tmp_path, trained_runs, regist
         np.save("samples.npy", model.sample(5, generator=torch.Generator().manual_seed(0)).numpy())
         print(json.dumps({"module": sys.modules[type(model).__module__].__file__, "shape": model.image_shape}))
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     env["MLFLOW_TRACKING_URI"] = uri
     proc = subprocess.run([sys.executable, "-c", script, str(REPO)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
