@@ -552,6 +552,10 @@ class SweepConfig(_Strict):
     # Times a trial is restarted from its last checkpoint after it fails (a lost worker or node, an
     # exception; a deterministic error such as a non-finite loss simply fails again). -1: without limit.
     max_failures: int = Field(default=1, ge=-1)
+    # A finished trial's worker process (torch and the study already imported) runs the next trial, saving the
+    # seconds of a fresh process per trial. false: a fresh process each time, which also lets Ray place every
+    # trial anew (with reuse, a node that is slow to start its first worker may run none of a short sweep).
+    reuse_actors: bool = True
     # Ray Tune's results (checkpoints, experiment state), relative to the working directory; an unfinished
     # sweep found here with the same parameters is resumed. On a multi-node cluster: a path every node mounts.
     storage_path: Path = Path("ray_results")

@@ -44,6 +44,7 @@ from study.config import StudyParams, TrialConfig
 from study.data.store import data_fingerprint, verify_prepared
 from study.sweep import _collect, _fit, arm_trainable
 from study.sweep_callback import MlflowCallback, catch_up
+from study.sweep_console import SweepConsole, tune_verbosity
 from study.sweep_space import _overrides, resolve_overrides
 from study.sweep_state import _read_state, acquire_lock
 from study.sweep_trainable import _hooks_from_env
@@ -293,14 +294,17 @@ def run_replicates(params: StudyParams, workdir: str | Path = ".", resume: bool 
                         search_alg=BasicVariantGenerator(max_concurrent=sweep.max_concurrent),
                         scheduler=FIFOScheduler(),
                         num_samples=1,
+                        reuse_actors=sweep.reuse_actors,
                     ),
                     run_config=tune.RunConfig(
                         name=path.name,
                         storage_path=str(storage),
-                        callbacks=[callback],
+                        # One line per seed's start / progress / end, as the sweep prints.
+                        callbacks=[callback, SweepConsole(parent, f"{arm} replicates", entry["metric"],
+                                                          entry["mode"], epochs, "fifo", show_arm=True)],
                         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                        verbose=0,
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest: what a resume needs
+                        verbose=tune_verbosity(),
                     ),
                 )
             results, interrupted = _fit(tuner)

@@ -300,9 +300,8 @@ def run_sweep(params: StudyParams, workdir: str | Path = ".", resume: bool = Tru
                         scheduler=_scheduler(params, metric, mode, max_epochs=arm_epochs),
                         num_samples=sweep.num_trials,
                         max_concurrent_trials=None if sweep.searcher.kind == "random" else sweep.max_concurrent,
-                        # A finished trial's worker process, with torch and the study imported, runs the next
-                        # trial (Ray's default for function trainables is a fresh process per trial).
-                        reuse_actors=True,
+                        # Ray's default for function trainables is a fresh process per trial.
+                        reuse_actors=sweep.reuse_actors,
                     ),
                     run_config=tune.RunConfig(
                         name=path.name,
