@@ -2,8 +2,10 @@
 on the test split with every metric.
 
 Checkpoints come from MLflow (``checkpoint/`` of each run), so the stage works wherever the sweep ran. Every
-evaluated run gets its results back in MLflow (``test_*`` metrics, ``evaluation/evaluation.json``, and a tag
-``unavailable.<metric>`` with the reason for each metric that could not be computed). In
+evaluated run gets its results back in MLflow: ``test_*`` metrics, ``evaluation/evaluation.json``,
+``evaluation/diagnostics.json`` (the reason for each metric that could not be computed, and which implementation
+computed each one), a short tag ``unavailable_metrics`` naming those metrics (``none``), and the test split as a
+dataset input (context ``evaluation``, see :mod:`study.tracking_lineage`). In
 ``<evaluate.output_dir>/``: ``<arm>.json`` per arm (the selected trial), ``examples.npz`` (inputs,
 reconstructions and samples per arm, for the report's figures), ``per_image.npz`` (per-test-image values keyed
 ``<arm>/<run_id>/<metric>``, e.g. ``nll`` in nats and ``mse_255``, of the selected trial and of every evaluated
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.common import stage_arguments, sweep_summary
+
+DIAGNOSTICS_ARTIFACT = "evaluation/diagnostics.json"
 
 
 def replicates_file(params: Any) -> Path | None:
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from study.evaluate import evaluate_model
     from study.evaluate_examples import example_images
     from study.tracking import connect
+    from study.tracking_lineage import log_splits
     from study.train import load_checkpoint, select_device
 
     cfg = params.evaluate
@@ -115,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         result.settings.update(arm=arm, run_id=run_id, trial_id=trial_id, family=config.family,
                                epoch=int(state.get("epoch", -1)), split=cfg.split)
         now = int(time.time() * 1000)
+        # Short tags the runs table can show; the reasons and implementations are a readable artifact.
         client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items() if np.isfinite(v)],
-            tags=[RunTag(f"unavailable.{k}", reason[:5000]) for k, reason in result.unavailable.items()]
-            + [RunTag(f"implementation.{k}", v[:5000]) for k, v in result.implementations.items()],
+            tags=[RunTag("unavailable_metrics", ", ".join(sorted(result.unavailable)) or "none")],
         )
         client.log_text(run_id, result.to_json(), "evaluation/evaluation.json")
+        client.log_dict(run_id, {"unavailable": result.unavailable, "implementations": result.implementations},
+                        DIAGNOSTICS_ARTIFACT)
+        log_splits(client, run_id, params.dataset_dir(), {cfg.split: "evaluation"})
         for name, values in result.per_image_arrays().items():
             per_image[f"{arm}/{run_id}/{name}"] = values
         shown = {k: round(v, 3) for k, v in result.metrics.items() if k.endswith(("_mse_255", "_nll", "_ssim", "_sharpness_ratio"))}

@@ -48,6 +48,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from study.config import StudyParams, TrackingConfig, TrialConfig
+from study.tracking_lineage import declare_model_training, entry_point, log_splits, source_tags
+from study.tracking_summary import describe_sweep
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
@@ -106,11 +108,14 @@ def connect(config: TrackingConfig) -> tuple[MlflowClient, str]:
     try:
         experiment = client.get_experiment_by_name(config.experiment)
         if experiment is not None:
-            return client, experiment.experiment_id
-        location = None
-        if not uri.startswith(("http://", "https://", "databricks")):
-            location = Path(config.artifact_root).resolve().as_uri()
-        return client, client.create_experiment(config.experiment, artifact_location=location)
+            experiment_id = experiment.experiment_id
+        else:
+            location = None
+            if not uri.startswith(("http://", "https://", "databricks")):
+                location = Path(config.artifact_root).resolve().as_uri()
+            experiment_id = client.create_experiment(config.experiment, artifact_location=location)
+        declare_model_training(client, experiment_id)  # the UI then opens on the runs table
+        return client, experiment_id
     except Exception as err:  # MLflow raises many types for an unreachable store
         raise TrackingUnavailableError(
             f"cannot reach the MLflow tracking store at {uri!r}: {err}. Start the server, or fix tracking.uri in "
@@ -174,7 +179,8 @@ class SweepTracker:
             run = client.create_run(
                 experiment_id,
                 run_name=params.sweep.name,
-                tags={"sweep_name": params.sweep.name, "data_sha256": data_fingerprint, "kind": "sweep"},
+                tags={"sweep_name": params.sweep.name, "data_sha256": data_fingerprint, "kind": "sweep",
+                      **source_tags(entry_point())},
             )
             parent_run_id = run.info.run_id
             sweep_params = flatten({"sweep": params.sweep.model_dump(mode="json")})
@@ -235,11 +241,13 @@ class SweepTracker:
                 "sweep_variant": variant or config.family,
                 "selection_metric": metric or self.params.sweep.metric,
                 "selection_mode": mode or self.params.sweep.mode,
+                **source_tags(entry_point()),
             },
         )
         run_id = run.info.run_id
         self.children[trial_id] = run_id
         self._log_trial_config(run_id, overrides, config)
+        log_splits(self.client, run_id, config.data_dir, {"train": "training", "val": "validation"})
         return run_id
 
     def _log_trial_config(self, run_id: str, overrides: dict[str, Any], config: TrialConfig) -> None:
@@ -388,6 +396,7 @@ class SweepTracker:
     def finish_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
         if summary:
             self.client.log_dict(self.parent_run_id, summary, "sweep_summary.json")
+            describe_sweep(self.client, self.parent_run_id, summary)  # metrics, best-trial tags, run description
         self.client.set_terminated(self.parent_run_id, status=status)
 
 

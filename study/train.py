@@ -27,11 +27,11 @@ scale that Dorta et al. 2018 and Larsen et al. 2016 report, computed in RGB for 
 against the validation split's RGB before the conversion to YCbCr, as Dorta et al. measure it, so the chroma
 downsampling error counts; ``train_mse_255`` against RGB rebuilt from the stored training YCbCr, as no RGB copy
 of the training split is kept):
-    train_elbo, train_kl, train_log_likelihood, train_loss, train_mse_255, beta, variance_minimiser_alpha,
-    val_elbo, val_kl, val_log_likelihood, val_mse_255, val_bits_per_dim, val_sharpness_ratio (variance of the
-    Laplacian of reconstructions over that of the inputs; < 1 is blurrier), val_variance_loss (Asperti 2020:
-    mean pixel variance across the split of inputs minus that of reconstructions, [0, 1] units), epoch,
-    epoch_seconds.
+    train_elbo, train_kl, train_log_likelihood, train_loss, train_mse_255, beta, variance_minimiser_alpha (the
+    structured likelihood only, Dorta et al. 2018, Eq. 14), val_elbo, val_kl, val_log_likelihood, val_mse_255,
+    val_bits_per_dim, val_sharpness_ratio (variance of the Laplacian of reconstructions over that of the inputs;
+    < 1 is blurrier), val_variance_loss (Asperti 2020: mean pixel variance across the split of inputs minus that
+    of reconstructions, [0, 1] units), epoch, epoch_seconds.
 For families that are not likelihoods (``elbo_valid`` false) the "log-likelihood" is minus their loss and the
 "ELBO" is not one; the tracking layer tags such runs and reports never rank them by it.
 The validation ELBO uses one z sample per image with a fixed seed (the same draws every epoch); the validation
@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +98,37 @@ def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float 
     return grid
 
 
-def save_image(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> None:
+def save_image(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2, pad_value: float = 0.0,
+               row_labels: Sequence[str] = (), tile_height: int | None = None) -> None:
     """Write images in [0, 1] (see :func:`make_grid`) as an 8-bit RGB PNG, rounded to the nearest level as
-    ``torchvision.utils.save_image`` does."""
+    ``torchvision.utils.save_image`` does.
+
+    ``row_labels``: names written in a white margin left of the grid, one per grid row of tiles ``tile_height``
+    pixels high (the labels repeat when there are more rows, e.g. ``("input", "recon")``), so the image says which
+    row is which wherever it is viewed (the MLflow UI shows a PNG alone). The grid's own pixels are unchanged.
+    """
     grid = make_grid(images.detach(), nrow=nrow, padding=padding, pad_value=pad_value)
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+    picture = Image.fromarray(np.ascontiguousarray(pixels))
+    if row_labels:
+        picture = _label_rows(picture, list(row_labels), tile_height or grid.shape[1] - 2 * padding, padding)
+    picture.save(path)
+
+
+def _label_rows(picture: Image.Image, labels: list[str], tile_height: int, padding: int) -> Image.Image:
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(picture)
+    margin = max(int(draw.textlength(label, font=font)) for label in labels) + 8
+    out = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    out.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    rows = max(1, (picture.height - padding) // (tile_height + padding))
+    for row in range(rows):
+        centre = padding + row * (tile_height + padding) + tile_height // 2
+        draw.text((4, centre), labels[row % len(labels)], fill="black", font=font, anchor="lm")
+    return out
 
 
 class CheckpointPolicy:
@@ -186,6 +211,10 @@ def _metric_space(x: Tensor, color: str) -> Tensor:
 
 def _schedule(value) -> Schedule:
     return ConstantSchedule(float(value)) if isinstance(value, int | float) else build_schedule(value)
+
+
+#: Row labels of ``reconstructions.png`` (:func:`_grid_pairs`' layout).
+RECONSTRUCTION_ROWS = ("input", "recon")
 
 
 def _grid_pairs(inputs: Tensor, recons: Tensor, per_row: int = 8) -> Tensor:
@@ -273,10 +302,13 @@ def _write_checkpoint(
         )
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        save_image(_grid_pairs(to_display_rgb(x, val.color), to_display_rgb(recon, val.color)), tmp / "reconstructions.png")
-        save_image(to_display_rgb(samples, val.color), tmp / "samples.png", nrow=8, padding=2, pad_value=1.0)
+        h = x.shape[-2]
+        save_image(_grid_pairs(to_display_rgb(x, val.color), to_display_rgb(recon, val.color)), tmp / "reconstructions.png",
+                   row_labels=RECONSTRUCTION_ROWS, tile_height=h)
+        save_image(to_display_rgb(samples, val.color), tmp / "samples.png", nrow=8, padding=2, pad_value=1.0,
+                   row_labels=("sample",), tile_height=h)
         for name, grid in display.items():
-            save_image(grid, tmp / name)
+            save_image(grid, tmp / name, row_labels=("mu", "eps+0.5", "mu+eps"), tile_height=h)
 
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -> tuple[TrialConfig, VAE, dict]:
@@ -468,7 +500,9 @@ def run_trial(
                 sq_err = (_metric_space(step.mean, train.color) - _metric_space(x, train.color)).square().sum()
             sums.add(step.terms.elbo, step.terms.kl, step.terms.log_likelihood, step.loss, sq_err, x)
         metrics = sums.read("train")
-        metrics |= {"beta": float(beta), "variance_minimiser_alpha": float(alpha)}
+        metrics["beta"] = float(beta)
+        if structured is not None:  # the variance minimiser exists only for the structured likelihood
+            metrics["variance_minimiser_alpha"] = float(alpha)
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"non-finite training loss at epoch {epoch + 1}: {metrics['train_loss']}")
 

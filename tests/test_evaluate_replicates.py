@@ -122,12 +122,15 @@ def test_every_finished_replicate_is_evaluated_logged_and_kept_per_image(stage, 
     logged = stage.client.get_run(stage.runs["replicate"]).data
     for name in ("test_mse_255", "test_nll", "test_psnr", "test_avg_kl"):
         assert logged.metrics[name] == pytest.approx(entry["metrics"][name], rel=1e-12)
-    assert "alexnet" in logged.tags["unavailable.test_lpips"].lower()
+    assert "test_lpips" in logged.tags["unavailable_metrics"].split(", ")
     assert not any(k.startswith("test_") for k in stage.client.get_run(stage.runs["failed"]).data.metrics)
     (stage.work / "dl").mkdir(exist_ok=True)
     artifact = stage.client.download_artifacts(stage.runs["replicate"], "evaluation/evaluation.json",
                                                str(stage.work / "dl"))
     evaluation = json.loads(Path(artifact).read_text())
+    diagnostics = json.loads(Path(stage.client.download_artifacts(
+        stage.runs["replicate"], "evaluation/diagnostics.json", str(stage.work / "dl"))).read_text())
+    assert "alexnet" in diagnostics["unavailable"]["test_lpips"].lower()
     assert evaluation["settings"]["seed"] == summary["settings"]["seed"]  # the evaluator's seed, not the trial's
 
     original = load_split(stage.data, "test_rgb").astype(np.float64)  # (4, 32, 32, 3) RGB before YCbCr, [0, 255]

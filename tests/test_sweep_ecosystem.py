@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from study.config import ConfigError, parse_params
 from tests.sweep_support import child_runs, end_session, free_port, stage_env, tiny_params
@@ -223,3 +224,62 @@ def test_mlflow_server_serves_what_its_ui_reads(eco_sweep, mlflow_server):
         served = answer.read()
     assert served[:8] == b"\x89PNG\r\n\x1a\n" and served == local.read_bytes()
     assert int(listed["images/samples.png"]["file_size"]) == len(served)
+
+
+# ----------------------------------------------------------------------------------------- the MLflow UI
+def test_the_experiment_is_declared_a_model_training_one(eco_sweep):
+    """MLflow 3's UI opens an experiment by its ``mlflow.experimentKind`` tag (else it guesses the GenAI page)."""
+    _, summary, client, _, _ = eco_sweep
+    assert client.get_experiment(summary["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_sweep_run_carries_the_sweep_result(eco_sweep, tmp_path):
+    """Metrics, best-trial tags and the run description of the parent run, against the child runs' own values."""
+    params, summary, client, _, _ = eco_sweep
+    parent = client.get_run(summary["parent_run_id"])
+    children = child_runs(client, summary["experiment_id"], summary["parent_run_id"])
+    metrics, tags = parent.data.metrics, parent.data.tags
+    assert metrics["trials_total"] == len(children) == NUM_TRIALS * len(ARMS)
+    assert metrics["trials_finished"] == sum(r.info.status == "FINISHED" for r in children)
+    assert metrics["trials_failed"] == sum(r.info.status == "FAILED" for r in children)
+    assert metrics["trials_stopped_early"] == sum(r.data.tags.get("early_stopped") == "true" for r in children)
+    metric = params.sweep.metric  # val_elbo, mode max; FIFO: every trial ran the full schedule
+    best_by_arm = {}
+    for arm in ARMS:
+        runs = [r for r in children if r.data.tags["sweep_variant"] == arm and r.info.status == "FINISHED"]
+        best_by_arm[arm] = max(runs, key=lambda r: r.data.metrics[metric])
+        assert metrics[f"best_{metric}/{arm}"] == pytest.approx(best_by_arm[arm].data.metrics[metric], rel=1e-9)
+        assert tags[f"best.{arm}.run_id"] == best_by_arm[arm].info.run_id
+    overall = max(best_by_arm.values(), key=lambda r: r.data.metrics[metric])
+    assert metrics[f"best_{metric}"] == pytest.approx(overall.data.metrics[metric], rel=1e-9)
+    assert tags["best_run_id"] == overall.info.run_id and tags["best_arm"] == overall.data.tags["sweep_variant"]
+    sampled = yaml.safe_load(Path(client.download_artifacts(overall.info.run_id, "config/sampled.yaml",
+                                                            str(tmp_path))).read_text())
+    assert sampled, "the searcher sampled nothing"
+    for key, value in sampled.items():
+        assert float(tags[f"best.sampled.{key}"]) == pytest.approx(value, rel=5e-4)  # 4 significant digits
+    note = tags["mlflow.note.content"]
+    for arm, run in best_by_arm.items():
+        assert f"| {arm} | {run.data.tags['ray_trial_id']} | [{run.info.run_id[:8]}](#/experiments/" in note
+
+
+def test_trial_runs_record_their_source_and_data(eco_sweep):
+    """MLflow's own source tags (entry point, the checkout's commit) and the prepared splits as dataset inputs."""
+    from study.data.store import read_manifest
+    from study.tracking_lineage import dataset_inputs
+
+    params, summary, client, _, _ = eco_sweep
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    manifest = read_manifest(params.dataset_dir())
+    for run in child_runs(client, summary["experiment_id"], summary["parent_run_id"]):
+        tags = run.data.tags
+        assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+        if head.returncode == 0:  # a git checkout (CI's clone is one)
+            assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        inputs = dataset_inputs(client.get_run(run.info.run_id))
+        assert set(inputs) == {"training", "validation"}
+        for context, split in (("training", "train"), ("validation", "val")):
+            assert inputs[context]["digest"] == manifest["splits"][split]["sha256"][:16]
+            assert inputs[context]["name"].endswith(f"-{split}")
+        # A Gaussian or Laplace trial has no variance minimiser: no such metric chart on its page.
+        assert "variance_minimiser_alpha" not in run.data.metrics and "beta" in run.data.metrics

@@ -14,8 +14,8 @@ from tests.conftest import tiny_trial_config
 EXPECTED = {
     "train_elbo", "train_kl", "train_log_likelihood", "train_loss", "train_mse_255",
     "val_elbo", "val_kl", "val_log_likelihood", "val_loss", "val_mse_255", "val_bits_per_dim",
-    "epoch", "epoch_seconds", "beta", "variance_minimiser_alpha", "val_sharpness_ratio", "val_variance_loss",
-}
+    "epoch", "epoch_seconds", "beta", "val_sharpness_ratio", "val_variance_loss",
+}  # a Gaussian trial: no variance_minimiser_alpha, which only the structured likelihood has
 
 
 def test_reports_every_epoch_with_checkpoint(prepared_32, tmp_path):
@@ -115,3 +115,30 @@ def test_streamed_val_blur_metrics_equal_direct_computation(prepared_32, tmp_pat
     assert metrics["t_sharpness_ratio"] == pytest.approx(float(ratio), rel=1e-5)
     unclamped = model.likelihood.mean(model.decode(model.encode(x)[0])).detach()
     assert metrics["t_mse_255"] == pytest.approx(float(((unclamped.double() - x.double()) ** 2).mean()) * 255**2, rel=1e-5)
+
+
+def test_saved_grids_name_their_rows_without_touching_the_images(tmp_path):
+    """``save_image(row_labels=...)``: the grid's own pixels sit unchanged right of a white margin, and each row
+    band of the margin holds its label's dark text (the MLflow UI shows the PNG alone)."""
+    import numpy as np
+    from PIL import Image
+
+    from study.train import _grid_pairs, save_image
+
+    g = torch.Generator().manual_seed(0)
+    inputs, recons = torch.rand(6, 3, 16, 16, generator=g), torch.rand(6, 3, 16, 16, generator=g)
+    grid = _grid_pairs(inputs, recons, per_row=3)  # 4 rows: input, recon, input, recon
+    save_image(grid, tmp_path / "plain.png")
+    save_image(grid, tmp_path / "labelled.png", row_labels=("input", "recon"), tile_height=16)
+    plain = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png").convert("RGB"))
+    margin = labelled.shape[1] - plain.shape[1]
+    assert labelled.shape[0] == plain.shape[0] and margin > 0
+    np.testing.assert_array_equal(labelled[:, margin:], plain)
+    dark = labelled[:, :margin].min(axis=-1) < 128  # text pixels, (H, margin)
+    for row in range(4):
+        top = 2 + row * 18
+        assert dark[top : top + 16].any(), f"row {row} has no label"
+    # Alternating labels: rows 0 and 2 ("input") look alike, and unlike row 1 ("recon").
+    band = [dark[2 + r * 18 : 2 + r * 18 + 16] for r in range(4)]
+    assert (band[0] == band[2]).all() and (band[1] == band[3]).all() and not (band[0] == band[1]).all()
