@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     _, params = stage_arguments(argv, __doc__)
     from study.atomic import publish
     from study.report import write_report
-    from study.tracking import connect
+    from study.tracking import connect, tracking_uri
 
     summary = sweep_summary(params)
     if summary is None:
@@ -90,10 +90,27 @@ def main(argv: list[str] | None = None) -> int:
         publish(staging, output_dir, REPORT_OUTPUTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    from study.formatting import format_value
+
     best = metrics.get("best", {})
     print(f"report in {output_dir}/: {metrics['num_trials']} trials, best {best.get('setting')} "
-          f"val_elbo {best.get('val_elbo', float('nan')):.1f} nats, val_mse_255 {best.get('val_mse_255', float('nan')):.1f}")
+          f"val_elbo {format_value(best.get('val_elbo'))} nats, val_mse_255 {format_value(best.get('val_mse_255'))}")
+    print("\n".join(where_to_look(tracking_uri(params.tracking), summary, output_dir)))
     return 0
+
+
+def where_to_look(uri: str, summary: dict, output_dir: Path) -> list[str]:
+    """The stage's last lines (the last of a ``dvc repro``): the report's files and how to open the sweep's run
+    in the MLflow UI."""
+    run = f"experiment {summary['experiment_id']}, sweep run {summary['parent_run_id']}"
+    if uri.startswith(("http://", "https://")):
+        ui = f"open {uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{summary['parent_run_id']}"
+    else:
+        ui = f"uv run mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then {run}"
+    return ["where to look next:",
+            f"  summary and tables: {output_dir / 'summary.md'}, {output_dir / 'tables'}/",
+            f"  figures:            {output_dir / 'figures'}/",
+            f"  MLflow:             {ui}"]
 
 
 if __name__ == "__main__":

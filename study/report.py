@@ -6,7 +6,8 @@ files), so the report agrees with what ``mlflow ui`` shows. Outputs (all written
 - ``trials.csv``: one row per trial: run id, Ray trial id, status, epochs run, early stop, the sampled
   parameters and the last epoch's metrics;
 - ``summary.md``: the best trial per likelihood setting (family and its main option) by the sweep's metric,
-  with ELBO, KL, bits per dimension and MSE on [0, 255];
+  with its Ray trial id, MLflow run id, epochs run and sampled hyperparameters (4 significant digits), and ELBO,
+  KL, bits per dimension and MSE on [0, 255];
 - ``metrics.json``: the best trial's metrics and the sweep's counts, for ``dvc metrics show``;
 - ``best_reconstructions.png``: the best trial's validation reconstructions below their inputs, with prior
   samples beside them;
@@ -36,6 +37,7 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from study.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from study.formatting import format_value  # noqa: E402
 from study.report_figures import (  # noqa: E402
     grid_comparison,
     pareto_front,
@@ -171,6 +173,22 @@ def best_overall(best: pd.DataFrame, metric: str, mode: str) -> pd.Series | None
     return best.loc[pick["index"]] if pick is not None else None
 
 
+def sampled_text(row: pd.Series, sampled: list[str]) -> str:
+    """A trial's sampled hyperparameters as ``key=value, ...`` (numbers to 4 significant digits), e.g.
+    ``train.beta=0.5, train.lr=0.0003162``; ``-`` when the searcher sampled none."""
+    parts = []
+    for key in sampled:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            continue
+        try:
+            text = format_value(float(value)) if not isinstance(value, bool) else str(value)
+        except (TypeError, ValueError):
+            text = str(value)
+        parts.append(f"{key}={text}")
+    return ", ".join(parts) or "-"
+
+
 def _markdown_table(frame: pd.DataFrame, columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
     lines = []
@@ -189,7 +207,8 @@ def _figure(client: MlflowClient, run_id: str, title: str) -> bytes:
         samples = plt.imread(client.download_artifacts(run_id, "images/samples.png", tmp))
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [recon.shape[1], samples.shape[1]]})
         axes[0].imshow(recon)
-        axes[0].set_title("validation inputs (odd rows) and reconstructions E[x | mu(x)] (even rows)", fontsize=9)
+        axes[0].set_title("validation inputs (rows 1, 3, ...) and\nreconstructions E[x | mu(x)] (rows 2, 4, ...)",
+                          fontsize=9)
         axes[1].imshow(samples)
         axes[1].set_title("prior samples E[x | z], z ~ N(0, I)", fontsize=9)
         for ax in axes:
@@ -197,7 +216,7 @@ def _figure(client: MlflowClient, run_id: str, title: str) -> bytes:
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         out = Path(tmp) / "figure.png"
-        fig.savefig(out, dpi=120)
+        fig.savefig(out, dpi=120, bbox_inches="tight")  # no title cut at the canvas edge
         plt.close(fig)
         return out.read_bytes()
 
@@ -234,7 +253,7 @@ def _objectives_figure(table: pd.DataFrame, front: pd.DataFrame, objectives: lis
     fig.tight_layout()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pareto.png"
-        fig.savefig(out, dpi=120)
+        fig.savefig(out, dpi=120, bbox_inches="tight")  # no title cut at the canvas edge
         plt.close(fig)
         return out.read_bytes()
 
@@ -261,9 +280,11 @@ def write_report(summary: dict[str, Any], output_dir: str | Path, client: Mlflow
 
     metric, mode = summary["metric"], summary["mode"]
     best_all = best_per_setting(table, runs, metric, mode)
+    if not best_all.empty:  # what a sweep user wants of a best row: which trial, and with what values
+        best_all = best_all.assign(sampled=[sampled_text(row, sampled) for _, row in best_all.iterrows()])
     valid = best_all["elbo_valid"] == "true" if not best_all.empty else pd.Series(dtype=bool)
     best, losses = best_all[valid], best_all[~valid]
-    columns = ["setting", "run_id", "epochs_run"] + [m for m in SUMMARY_METRICS if m in best_all]
+    columns = ["setting", "trial_id", "run_id", "epochs_run", "sampled"] + [m for m in SUMMARY_METRICS if m in best_all]
     loss_columns = [c for c in columns if c not in ELBO_METRICS]
     failed = table[table["status"] == "FAILED"]
     md = [
@@ -391,12 +412,19 @@ def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trial
         recons = {arm: s["reconstruction"] for arm, s in sets.items()}
         written["residual_maps.png"] = atomic_write_bytes(figures / "residual_maps.png", residual_maps(first["input"], recons))
     frame = trials[trials["status"] == "FINISHED"].copy()
-    if "val_mse_255" in frame:
-        frame["val_mse"] = frame["val_mse_255"] / 255.0**2  # [0, 1] units, like the variance loss
+    # The tables' units: MSE on [0, 255]; the variance loss ([0, 1]^2 pixel units) scaled alike so y = x still
+    # compares the two (Asperti 2020).
+    if "val_variance_loss" in frame:
+        frame["val_variance_loss_255"] = frame["val_variance_loss"] * 255.0**2
+    frame["full_schedule"] = frame.get("early_stopped", pd.Series("false", index=frame.index)).astype(str) != "true"
+    arm = "variant" if "variant" in frame and frame["variant"].notna().all() else "family"
     written["pareto_mse_sharpness.png"] = atomic_write_bytes(
-        figures / "pareto_mse_sharpness.png", pareto_mse_sharpness(frame, x="val_mse", y="val_sharpness_ratio")
+        figures / "pareto_mse_sharpness.png",
+        pareto_mse_sharpness(frame, x="val_mse_255", y="val_sharpness_ratio", label=arm, complete="full_schedule"),
     )
     written["variance_loss_vs_mse.png"] = atomic_write_bytes(
-        figures / "variance_loss_vs_mse.png", variance_loss_vs_mse(frame, x="val_mse", y="val_variance_loss")
+        figures / "variance_loss_vs_mse.png",
+        variance_loss_vs_mse(frame, x="val_mse_255", y="val_variance_loss_255", label=arm, complete="full_schedule",
+                             scale="[0, 255]"),
     )
     return written

@@ -85,7 +85,14 @@ def grid_comparison(rows: dict[str, dict[str, np.ndarray]], max_images: int = 16
         sets += [s for s in sets_of_family if s not in sets]
     families = list(rows)
     n_rows, n_cols = max(1, len(families)), max(1, len(sets))
-    fig = Figure(figsize=(3.2 * n_cols + 0.8, 3.2 * n_rows + 0.4))
+    # Cells take the mosaics' own aspect (8 images in rows of 4 are twice as wide as tall), so no canvas is empty.
+    shown = [images[:max_images] for r in rows.values() for images in r.values() if len(images)]
+    aspect = 1.0
+    if shown:
+        n, h, w = len(shown[0]), shown[0].shape[1], shown[0].shape[2]
+        per_row = min(columns, n)
+        aspect = (math.ceil(n / per_row) * (h + 1)) / (per_row * (w + 1))
+    fig = Figure(figsize=(3.2 * n_cols + 0.8, 3.2 * aspect * n_rows + 0.6))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     if not families:
         axes[0, 0].text(0.5, 0.5, "no data", ha="center", va="center")
@@ -206,27 +213,49 @@ def pareto_front(df: pd.DataFrame, minimise: Sequence[str] = (), maximise: Seque
     return mask
 
 
-def _scatter_by_family(ax, df: pd.DataFrame, x: str, y: str, label: str) -> None:
+def _scatter_by_family(ax, df: pd.DataFrame, x: str, y: str, label: str, complete: str | None = None) -> None:
+    """One colour per ``label`` group; with a ``complete`` column, the rows where it is false (trials the scheduler
+    stopped early) drawn as crosses of the same colour and labelled ``<group> (stopped early)``."""
     groups = df[label].astype(str) if label in df.columns else pd.Series("trials", index=df.index)
-    for name in sorted(groups.unique()):
-        part = df[groups == name]
-        ax.scatter(part[x], part[y], s=28, alpha=0.8, label=name)
+    full = (df[complete].astype(bool) if complete is not None and complete in df.columns
+            else pd.Series(True, index=df.index))
+    for index, name in enumerate(sorted(groups.unique())):
+        colour = f"C{index % 10}"
+        part = df[(groups == name) & full]
+        if len(part):
+            ax.scatter(part[x], part[y], s=28, alpha=0.8, label=name, color=colour)
+        stopped = df[(groups == name) & ~full]
+        if len(stopped):
+            ax.scatter(stopped[x], stopped[y], s=30, alpha=0.8, marker="x", color=colour,
+                       label=f"{name} (stopped early)")
 
 
 def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
 
 
-def _finite_rows(df: pd.DataFrame, x: str, y: str, label: str) -> pd.DataFrame:
-    """Columns x, y (and label if present) of the rows where both x and y are finite; empty without x or y."""
+def _finite_rows(df: pd.DataFrame, x: str, y: str, label: str, complete: str | None = None) -> pd.DataFrame:
+    """Columns x, y (and label, complete if present) of the rows where both x and y are finite; empty without x
+    or y."""
     if x not in df or y not in df:
         return pd.DataFrame()
-    data = df[[c for c in (x, y, label) if c in df.columns]].copy()
+    data = df[[c for c in dict.fromkeys((x, y, label, complete)) if c is not None and c in df.columns]].copy()
     return data[np.isfinite(data[x].astype(float)) & np.isfinite(data[y].astype(float))]
 
 
+def _axis_label(column: str) -> str:
+    return {
+        "test_mse": "MSE per pixel, [0, 1] scale (lower is better)",
+        "test_mse_255": "MSE per pixel, [0, 255] scale (lower is better)",
+        "val_mse_255": "validation MSE per pixel, [0, 255] scale (lower is better)",
+        "test_sharpness_ratio": "sharpness ratio recon / input (higher is sharper)",
+        "val_sharpness_ratio": "validation sharpness ratio recon / input (higher is sharper)",
+    }.get(column, column)
+
+
 def pareto_mse_sharpness(
-    df: pd.DataFrame, x: str = "test_mse", y: str = "test_sharpness_ratio", label: str = "family"
+    df: pd.DataFrame, x: str = "test_mse", y: str = "test_sharpness_ratio", label: str = "family",
+    complete: str | None = None,
 ) -> bytes:
     """MSE (x) vs sharpness ratio (y) of every trial, coloured by ``label``, Pareto front circled and joined.
 
@@ -235,35 +264,45 @@ def pareto_mse_sharpness(
 
     Args:
         df: one row per trial with columns ``x``, ``y`` (and ``label`` for colours).
-        x: MSE column (default ``test_mse``, per-pixel MSE on the [0, 1] scale).
+        x: MSE column (default ``test_mse``, per-pixel MSE on the [0, 1] scale; ``*_mse_255``: [0, 255]).
         y: sharpness column (default ``test_sharpness_ratio``, Laplacian variance recon / inputs).
-        label: colour-group column.
+        label: colour-group column (the arm).
+        complete: optional bool column, true for trials that ran their full schedule. With it, the others (stopped
+            early by the scheduler, so under-trained) are drawn as crosses and the front is computed over the
+            complete trials only (the title says so).
 
     Returns:
         PNG bytes.
     """
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()
-    data = _finite_rows(df, x, y, label)
+    data = _finite_rows(df, x, y, label, complete)
+    title = "Blur vs error: Pareto front (min MSE, max sharpness)"
     if not len(data):
         _empty(ax, "no trials with both metrics")
     else:
-        _scatter_by_family(ax, data, x, y, label)
-        front = data[pareto_front(data, minimise=[x], maximise=[y])].sort_values(x)
-        ax.plot(front[x], front[y], drawstyle="steps-post", color="black", linewidth=1, alpha=0.7)
-        ax.scatter(front[x], front[y], s=110, facecolors="none", edgecolors="black", linewidths=1.2,
-                   label="Pareto front")
+        _scatter_by_family(ax, data, x, y, label, complete)
+        candidates = data
+        if complete is not None and complete in data.columns:
+            candidates = data[data[complete].astype(bool)]
+            title += "\nfront over trials that ran the full schedule; x: stopped early"
+        front = candidates[pareto_front(candidates, minimise=[x], maximise=[y])].sort_values(x)
+        if len(front):
+            ax.plot(front[x], front[y], drawstyle="steps-post", color="black", linewidth=1, alpha=0.7)
+            ax.scatter(front[x], front[y], s=110, facecolors="none", edgecolors="black", linewidths=1.2,
+                       label="Pareto front")
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.legend(fontsize=8)
-    ax.set_xlabel("MSE per pixel, [0, 1] scale (lower is better)" if x == "test_mse" else x)
-    ax.set_ylabel("sharpness ratio recon / input (higher is sharper)" if y == "test_sharpness_ratio" else y)
-    ax.set_title("Blur vs error: Pareto front (min MSE, max sharpness)", fontsize=10)
+    ax.set_xlabel(_axis_label(x))
+    ax.set_ylabel(_axis_label(y))
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)
 
 
 def variance_loss_vs_mse(
-    df: pd.DataFrame, x: str = "test_mse", y: str = "test_variance_loss_recon", label: str = "family"
+    df: pd.DataFrame, x: str = "test_mse", y: str = "test_variance_loss_recon", label: str = "family",
+    complete: str | None = None, scale: str = "[0, 1]",
 ) -> bytes:
     """Asperti 2020's plot: variance loss of reconstructions (y) vs their MSE (x), with the line y = x.
 
@@ -272,28 +311,30 @@ def variance_loss_vs_mse(
 
     Args:
         df: one row per trial with columns ``x``, ``y`` (and ``label`` for colours).
-        x: MSE column on the [0, 1] scale.
-        y: variance-loss column.
-        label: colour-group column.
+        x: MSE column, on the scale ``scale``.
+        y: variance-loss column, on the same scale (squared units of it).
+        label: colour-group column (the arm).
+        complete: optional bool column (see :func:`pareto_mse_sharpness`): false rows drawn as crosses.
+        scale: the pixel scale of both columns, for the axis labels (``[0, 1]`` or ``[0, 255]``).
 
     Returns:
         PNG bytes.
     """
     fig = Figure(figsize=(5.6, 5.0))
     ax = fig.subplots()
-    data = _finite_rows(df, x, y, label)
+    data = _finite_rows(df, x, y, label, complete)
     if not len(data):
         _empty(ax, "no trials with both metrics")
     else:
-        _scatter_by_family(ax, data, x, y, label)
+        _scatter_by_family(ax, data, x, y, label, complete)
         hi = float(max(data[x].max(), data[y].max(), 0.0))
         lo = float(min(data[x].min(), data[y].min(), 0.0))
         span = (hi - lo) or 1.0
         ends = [lo - 0.05 * span, hi + 0.05 * span]
         ax.plot(ends, ends, color="grey", linestyle="--", linewidth=1, label="y = x")
         ax.legend(fontsize=8)
-    ax.set_xlabel("MSE per pixel, [0, 1] scale")
-    ax.set_ylabel("variance loss of reconstructions, [0, 1]^2")
+    ax.set_xlabel(f"MSE per pixel, {scale} scale")
+    ax.set_ylabel(f"variance loss of reconstructions, {scale}^2")
     ax.set_title("Variance loss vs MSE (Asperti 2020)", fontsize=10)
     fig.tight_layout()
     return _png(fig)

@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from study.formatting import UNAVAILABLE, _decimals_for, _is_missing, format_value  # noqa: F401 (re-exported)
+
 PM = " +- "
-UNAVAILABLE = "unavailable"
 ID_COLUMNS = ("family", "setting", "run_id")
 #: Label of the single-trial mean +- std column when seed replicates are shown.
 SPREAD_LABEL = "spread over test images (selected trial)"
@@ -83,40 +84,6 @@ def format_seed_ci(summary: SeedSummary | None) -> str:
     if summary.half_width == 0:
         return f"{format_value(summary.mean)}{PM}0 ({summary.n} {unit})"
     return f"{format_mean_std(summary.mean, summary.half_width)} ({summary.n} {unit})"
-
-
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    try:
-        return not math.isfinite(float(value))  # NaN and +-inf (a perfect PSNR is inf, but not a table entry)
-    except (TypeError, ValueError):
-        return True
-
-
-def _decimals_for(value: float, significant: int) -> int:
-    """Decimal places that show ``significant`` significant digits of ``value``, never negative."""
-    if value == 0:
-        return significant - 1
-    return max(0, significant - 1 - math.floor(math.log10(abs(value))))
-
-
-def format_value(value: object, significant: int = 4) -> str:
-    """A number with ``significant`` significant digits (no exponent between 1e-4 and 1e6); ``unavailable``.
-
-    Args:
-        value: a float (NaN / None / non-numeric: unavailable).
-        significant: digits to keep (>= 1). Integer digits are never rounded away (12345.6 -> ``12346``).
-
-    Returns:
-        str, e.g. ``339.7``, ``0.01234``, ``-4016``.
-    """
-    if _is_missing(value):
-        return UNAVAILABLE
-    x = float(value)  # type: ignore[arg-type]
-    if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-4):
-        return f"{x:.{significant - 1}e}"
-    return f"{x:.{_decimals_for(x, significant)}f}"
 
 
 def format_mean_std(mean: object, std: object, std_digits: int = 2, significant: int = 4) -> str:

@@ -167,9 +167,11 @@ def _write_checkpoint(
         )
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _train.save_image(_train._grid_pairs(x, gen_recon), tmp / "reconstructions.png")
-        _train.save_image(_train._grid_pairs(x, dec_recon), tmp / "decoder_reconstructions.png")
-        _train.save_image(samples, tmp / "samples.png", nrow=8, padding=2, pad_value=1.0)
+        labels = {"row_labels": _train.RECONSTRUCTION_ROWS, "tile_height": x.shape[-2]}
+        _train.save_image(_train._grid_pairs(x, gen_recon), tmp / "reconstructions.png", **labels)
+        _train.save_image(_train._grid_pairs(x, dec_recon), tmp / "decoder_reconstructions.png", **labels)
+        _train.save_image(samples, tmp / "samples.png", nrow=8, padding=2, pad_value=1.0, row_labels=("sample",),
+                          tile_height=x.shape[-2])
 
 
 def load_avae_checkpoint(

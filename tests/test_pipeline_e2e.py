@@ -123,8 +123,11 @@ def test_both_datasets_prepared_by_their_own_stages(study):
 
 @pytest.mark.slow
 def test_report_agrees_with_mlflow(study):
-    work, _, _ = study
+    work, _, log = study
     summary = json.loads((work / "results" / "sweep.json").read_text())
+    # The report stage's last lines say where to look: its files and the sweep's run in the MLflow UI.
+    tail = log[log.index("where to look next:"):]
+    assert "summary.md" in tail and "figures" in tail and "mlflow ui" in tail and summary["parent_run_id"] in tail
     children = _client(work).search_runs(
         [summary["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'"
     )
@@ -161,7 +164,17 @@ def test_evaluate_stage_logs_test_metrics_and_report_has_paper_tables(study):
             assert run.data.metrics[name] == pytest.approx(result["metrics"][name])
         # No local backbone weights here: LPIPS and FID are recorded as unavailable, never as numbers.
         assert "test_lpips" not in run.data.metrics and "test_lpips" in result["unavailable"]
-        assert "alexnet" in run.data.tags["unavailable.test_lpips"].lower()
+        assert "test_lpips" in run.data.tags["unavailable_metrics"].split(", ")
+        diagnostics = json.loads(Path(client.download_artifacts(result["run_id"], "evaluation/diagnostics.json",
+                                                                str(work))).read_text())
+        assert "alexnet" in diagnostics["unavailable"]["test_lpips"].lower()
+        # The test split it was evaluated on is a dataset input of the run, next to the training splits.
+        from study.tracking_lineage import dataset_inputs
+
+        inputs = dataset_inputs(run)
+        assert {"training", "validation", "evaluation"} <= set(inputs)
+        manifest = json.loads((work / "data" / "prepared" / "celeba" / "manifest.json").read_text())
+        assert inputs["evaluation"]["digest"] == manifest["splits"]["test"]["sha256"][:16]
         assert result["metrics"]["test_avg_kl"] == pytest.approx(
             result["metrics"]["test_mutual_information"] + result["metrics"]["test_marginal_kl"], abs=1e-6
         )

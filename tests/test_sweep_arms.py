@@ -105,6 +105,16 @@ def test_report_names_the_sweeps_winner(arms_sweep):
     saved = json.loads((work / "reports" / "metrics.json").read_text())
     assert saved["best"]["run_id"] == summary["best_trial"]["run_id"]
     assert math.isclose(saved["best"]["val_elbo"], summary["best_trial"]["metrics"]["val_elbo"], rel_tol=1e-9)
+    # Each arm's best row names its trial, its run and the values the searcher sampled for it.
+    text = (work / "reports" / "summary.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "trial_id" not in line]
+    for trial in summary["best_per_variant"].values():
+        (row,) = [r for r in rows if trial["run_id"] in r]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == trial["trial_id"]
+        for key, value in trial["config"].items():
+            shown = float(cells[4].split(f"{key}=")[1].split(",")[0])
+            assert math.isclose(shown, value, rel_tol=5e-4), (key, shown, value)  # 4 significant digits
 
 
 def test_rerun_after_an_interruption_between_arms_resumes_per_arm(arms_sweep):
