@@ -392,7 +392,7 @@ def write_paper_report(evaluation_dir: str | Path, output_dir: str | Path, trial
     written: dict[str, Path] = {}
     replicated = has_replicates(evaluation)
     seeds = seed_summaries(evaluation) if replicated else None
-    tables = paper_tables(pd.DataFrame(rows), prefix=split, seeds=seeds)
+    tables = paper_tables(pd.DataFrame(rows), prefix=split, seeds=seeds, num_images=evaluation.get("num_images"))
     if replicated:
         tables["paired_comparisons"] = paired_table(paired_comparisons(evaluation, per_image, baseline))
     for name, (markdown, csv) in tables.items():

@@ -318,7 +318,8 @@ TABLES: dict[str, Callable[..., tuple[str, str]]] = {
 }
 
 
-def paper_tables(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None) -> dict[str, tuple[str, str]]:
+def paper_tables(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = None,
+                 num_images: int | None = None) -> dict[str, tuple[str, str]]:
     """Every table: name -> (markdown, csv), names as in :data:`TABLES`.
 
     Args:
@@ -327,11 +328,17 @@ def paper_tables(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = N
         prefix: the evaluated split's metric prefix.
         seeds: arm (``setting``) -> full metric name (``test_nll``) -> :class:`SeedSummary` of its replicates;
             None or empty: single-trial tables.
+        num_images: how many test images every +- is over; the captions then say so ("over 4 test images"), a
+            spread over a handful of images being no confidence interval.
 
     Returns:
         dict name -> (Markdown string, CSV string).
     """
-    return {name: build(df, prefix, seeds=seeds) for name, build in TABLES.items()}
+    tables = {name: build(df, prefix, seeds=seeds) for name, build in TABLES.items()}
+    if num_images is not None:
+        tables = {name: (markdown.replace("over test images", f"over {num_images} test images"), csv)
+                  for name, (markdown, csv) in tables.items()}
+    return tables
 
 
 __all__ = [

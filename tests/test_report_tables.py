@@ -106,6 +106,12 @@ def test_all_tables(trials):
     assert "20.3 +- 2.2" in markdown and "0.610 +- 0.080" in markdown
     assert "0.9350" in markdown
     assert len(pd.read_csv(io.StringIO(csv))) == 3
+    # With the number of test images, every caption that gives a +- over images says over how many.
+    counted = paper_tables(trials, num_images=4)
+    for name, (md, _) in tables.items():
+        spread = md.count("over test images")
+        assert counted[name][0].count("over 4 test images") == spread and "over test images" not in counted[name][0]
+    assert sum(md.count("over test images") for md, _ in tables.values()) >= 4
     # An empty frame still gives well-formed (empty) tables.
     for md, text in paper_tables(pd.DataFrame(columns=["family", "setting", "run_id", "elbo_valid"])).values():
         assert md.count("\n|---") == 1 and text.splitlines()[0].startswith("family,setting,run_id")
