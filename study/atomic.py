@@ -8,6 +8,7 @@ a crash between them leaves the old output under a ``.old-*`` name and no partia
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +50,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _fresh_directory(parent: Path, prefix: str) -> Path:
+    """A new empty directory ``parent/<prefix><random>``, mode 0777 less the umask."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory; on normal exit it replaces ``target`` whole.
@@ -61,10 +73,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     # Leftovers of a writer killed outright (SIGKILL, power loss) are never outputs: remove them.
     for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any other directory
+    # mkdir applies the process umask, as for any other directory (mkdtemp would make it 0700; reading the umask
+    # means setting it, which races with Ray's and MLflow's threads).
+    tmp = _fresh_directory(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -116,3 +116,24 @@ def test_ycbcr_split_loads_as_one_tensor_with_block_chroma(tmp_path):
     np.testing.assert_array_equal(images[:, 0], luma[..., 0])
     np.testing.assert_array_equal(images[:, 1:, ::4, ::4], chroma.transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(images[:, 1:, 3::4, 1::4], chroma.transpose(0, 3, 1, 2))
+
+
+def test_atomic_directory_takes_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """The written directory has the mode of any new directory (0777 less the umask), and the process umask is
+    never set to read it (a set-and-restore races with Ray's and MLflow's threads creating files)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from study.atomic import atomic_directory
+
+    umask = int(subprocess.run([sys.executable, "-c", "import os; print(os.umask(0))"], capture_output=True,
+                               text=True).stdout)  # a child's umask is this process's, read without touching ours
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0)
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("x")
+    assert not calls
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    assert (tmp_path / "out" / "a.txt").read_text() == "x"
