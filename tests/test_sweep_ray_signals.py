@@ -39,3 +39,30 @@ def test_a_retried_start_keeps_the_callers_sigterm_handler(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is callers_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_private_ray_switches_it_sets_still_exist_and_take_effect(monkeypatch):
+    """``_init_once`` sets two of Ray's import-time switches (``ray._private.ray_constants``) in case Ray was
+    imported before ``study.sweep_ray`` could set their environment variables. That module is private: this test
+    pins the names, so a Ray upgrade that renames or drops them fails here instead of silently binding an embedded
+    Ray to the network interface."""
+    from ray._private import ray_constants
+
+    for name in ("ENABLE_RAY_CLUSTER", "RAY_ENABLE_UV_RUN_RUNTIME_ENV"):
+        assert isinstance(getattr(ray_constants, name), bool), name
+    seen = {}
+
+    def fake_init(**kwargs):  # what ray.init would read: the switches as they are when it runs
+        seen.update(kwargs, cluster=ray_constants.ENABLE_RAY_CLUSTER, uv=ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV)
+
+    monkeypatch.setattr(sweep_ray.ray, "init", fake_init)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setattr(ray_constants, "RAY_ENABLE_UV_RUN_RUNTIME_ENV", True)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    sweep_ray._init_once(None, None)
+    assert seen["cluster"] is False and seen["uv"] is False  # embedded: loopback only, the driver's interpreter
+    assert seen["address"] == "local" and seen["_node_ip_address"] == "127.0.0.1"
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    sweep_ray._init_once(None, None)
+    assert seen["cluster"] is True and seen["address"] == "10.1.2.3:6379"  # a real cluster: its node's address
