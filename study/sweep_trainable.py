@@ -56,12 +56,13 @@ DETERMINISTIC_MARKER = "deterministic_failure.json"
 
 def _deterministic_errors() -> dict[str, type[BaseException]]:
     """Errors a retry of the same trial would raise again: the prepared data missing or modified, a bad config,
-    a non-finite loss (the retry starts from the same checkpoint with the same seed)."""
+    a non-finite loss or another divergence (the retry starts from the same checkpoint with the same seed)."""
     from study.config import ConfigError
     from study.data.store import DataIntegrityError
-    from study.train import NonFiniteLossError
+    from study.train import NonFiniteLossError, TrainingDivergedError
 
-    return {cls.__name__: cls for cls in (NonFiniteLossError, DataIntegrityError, ConfigError, FileNotFoundError)}
+    return {cls.__name__: cls for cls in (NonFiniteLossError, TrainingDivergedError, DataIntegrityError, ConfigError,
+                                          FileNotFoundError)}
 
 
 def _hooks_from_env() -> dict[str, str]:

@@ -69,7 +69,13 @@ ReportFn = Callable[[dict[str, float], Path | None], None]
 CHECKPOINT_FILE = "state.pt"
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingDivergedError(RuntimeError):
+    """Training left the regime it can recover from (the message names the reason, e.g. a discriminator
+    collapse); the trial is recorded as failed with this message and is not retried (a retry from the same
+    checkpoint and seed diverges again)."""
+
+
+class NonFiniteLossError(TrainingDivergedError, FloatingPointError):
     """The training loss became NaN or infinite; the trial is recorded as failed with this message."""
 
 

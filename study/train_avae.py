@@ -26,7 +26,8 @@ Validation runs the networks in eval mode (batch-norm running statistics), with 
 image that is the same every epoch. (The official code keeps batch norm in training mode even at test time.)
 
 Divergence guard: the trial raises :class:`study.train.NonFiniteLossError` (recorded as FAILED) when any
-training loss is NaN or infinite in an epoch, or when the discriminator loss has stayed below
+training loss is NaN or infinite in an epoch, and :class:`study.train.TrainingDivergedError` (its base class, also
+FAILED) when the discriminator has collapsed: its loss has stayed below
 ``model.avae.collapse_loss`` for ``model.avae.collapse_steps`` consecutive steps (counted across epochs, and
 restored on resume). Both are checked on the device every step and read at the end of the epoch, so the
 error is raised at the end of the epoch in which the condition first held.
@@ -220,7 +221,8 @@ def run_avae_trial(
 
     Raises:
         ValueError: ``config.model.kind`` is not ``avae``, the data are YCbCr, or the images are not square.
-        NonFiniteLossError: a loss became NaN or infinite, or the discriminator collapsed (message says which).
+        NonFiniteLossError: a loss became NaN or infinite (the message names it).
+        TrainingDivergedError: the discriminator collapsed (the message gives the threshold and step count).
         FileNotFoundError / DataIntegrityError: the prepared data is missing or was modified.
     """
     if config.model.kind != "avae":
@@ -277,7 +279,7 @@ def run_avae_trial(
         if bad:
             raise _train.NonFiniteLossError(f"non-finite AVAE loss at epoch {epoch + 1}: {', '.join(bad)}")
         if tripped:
-            raise _train.NonFiniteLossError(
+            raise _train.TrainingDivergedError(
                 f"discriminator collapse at epoch {epoch + 1}: discriminator loss below "
                 f"{avae_cfg.collapse_loss:g} for {avae_cfg.collapse_steps} consecutive steps"
             )

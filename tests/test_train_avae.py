@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from study.train import NonFiniteLossError
+from study.train import NonFiniteLossError, TrainingDivergedError
 from study.train_avae import load_avae_checkpoint, run_avae_trial
 from tests.conftest import tiny_trial_config
 from tests.test_train import assert_same_tensors
@@ -72,9 +72,10 @@ def test_discriminator_collapse_fails_the_trial(prepared_32, tmp_path):
     config.model.avae.collapse_loss = 1e9  # every step counts as collapsed
     config.model.avae.collapse_steps = 1
     seen = []
-    with pytest.raises(NonFiniteLossError, match="discriminator collapse at epoch 1"):
+    with pytest.raises(TrainingDivergedError, match="discriminator collapse at epoch 1") as raised:
         run_avae_trial(config, lambda m, _: seen.append(m), workdir=tmp_path)
     assert seen == [] and not (tmp_path / "checkpoint").exists()
+    assert not isinstance(raised.value, NonFiniteLossError)  # no loss was NaN: a collapse is its own reason
 
 
 def test_non_finite_loss_fails_the_trial(prepared_32, tmp_path, monkeypatch):
