@@ -3,7 +3,7 @@
 - :func:`grid_comparison`: input / reconstruction / sample grids of every family side by side.
 - :func:`residual_maps`: |x - reconstruction| heat maps per family, on one colour scale.
 - :func:`pareto_mse_sharpness`: MSE vs sharpness ratio of every trial, Pareto front (low MSE, high sharpness)
-  marked; :func:`pareto_front` is the mask it uses.
+  marked, by :func:`study.pareto.pareto_front`.
 - :func:`variance_loss_vs_mse`: Asperti 2020's plot, variance loss of reconstructions vs MSE, with y = x.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly, so they neither need nor change a pyplot backend
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from study.pareto import pareto_front
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Display order of image sets in :func:`grid_comparison`; other keys follow in their given order.
@@ -174,43 +175,6 @@ def residual_maps(
         bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02)
         bar.set_label("|x - recon|, mean over RGB, [0, 1] units", fontsize=8)
     return _png(fig)
-
-
-def pareto_front(df: pd.DataFrame, minimise: Sequence[str] = (), maximise: Sequence[str] = ()) -> np.ndarray:
-    """Mask of the non-dominated rows (the Pareto front) for the given objectives.
-
-    Row j dominates row i when it is no worse in every objective (<= for ``minimise``, >= for ``maximise``) and
-    strictly better in at least one. Identical rows do not dominate each other, so ties are all on the front. Rows
-    with a missing (NaN) objective are never on the front and never dominate.
-
-    Args:
-        df: one row per candidate; the named columns numeric.
-        minimise, maximise: column names (at least one in total).
-
-    Returns:
-        bool array (len(df),), True on the front, in ``df``'s row order.
-
-    Raises:
-        ValueError: no objective given.
-        KeyError: a column is missing.
-    """
-    names = list(minimise) + list(maximise)
-    if not names:
-        raise ValueError("give at least one column to minimise or maximise")
-    # Turn every objective into "smaller is better".
-    values = np.column_stack(
-        [df[c].to_numpy(dtype=np.float64) for c in minimise] + [-df[c].to_numpy(dtype=np.float64) for c in maximise]
-    )  # (n, k)
-    finite = np.isfinite(values).all(axis=1)
-    v = values[finite]  # (m, k)
-    if v.shape[0] == 0:
-        return np.zeros(len(df), dtype=bool)
-    no_worse = (v[:, None, :] <= v[None, :, :]).all(-1)  # [j, i]: j <= i everywhere
-    better = (v[:, None, :] < v[None, :, :]).any(-1)  # [j, i]: j < i somewhere
-    dominated = (no_worse & better).any(axis=0)  # (m,)
-    mask = np.zeros(len(df), dtype=bool)
-    mask[np.flatnonzero(finite)] = ~dominated
-    return mask
 
 
 def _scatter_by_family(ax, df: pd.DataFrame, x: str, y: str, label: str, complete: str | None = None) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
-from torch import Tensor
 
 __all__ = [
     "Schedule",
@@ -35,7 +34,6 @@ __all__ = [
     "ScheduleConfig",
     "build_schedule",
     "paper_variance_minimiser_schedule",
-    "variance_minimiser_loss",
 ]
 
 
@@ -230,23 +228,3 @@ def build_schedule(config: ScheduleConfig | dict[str, Any]) -> Schedule:
         config = _ADAPTER.validate_python(config)
     return config.build()
 
-
-# ------------------------------------------------------------------------------------- Eq. 14 penalty
-def variance_minimiser_loss(x: Tensor, mean: Tensor) -> Tensor:
-    """||x - mu(z)||_2^2 per image, the term alpha multiplies in Dorta et al. 2018, Eq. 14.
-
-    Args:
-        x: images, float (B, ...) in [0, 1].
-        mean: the likelihood's mean mu(z), same shape and units.
-
-    Returns:
-        float (B,): squared error summed over all pixels and channels (image units^2), not averaged.
-
-    Raises:
-        ValueError: shapes differ or there is no batch axis.
-    """
-    if x.shape != mean.shape:
-        raise ValueError(f"x {tuple(x.shape)} and mean {tuple(mean.shape)} differ in shape")
-    if x.dim() < 1:
-        raise ValueError("expected a batch axis: (B, ...)")
-    return (x - mean).square().reshape(x.shape[0], -1).sum(1)  # (B,)

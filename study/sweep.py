@@ -160,7 +160,7 @@ def _pareto_trials(trials: list[dict[str, Any]], params: StudyParams) -> list[st
     """Trial ids of the finished trials that no other finished trial dominates on ``sweep.objectives``."""
     import pandas as pd
 
-    from study.report_figures import pareto_front
+    from study.pareto import pareto_front
 
     objectives = params.sweep.objectives
     rows = [t for t in trials if t["status"] == "FINISHED" and all(o.metric in t["metrics"] for o in objectives)]

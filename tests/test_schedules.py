@@ -1,4 +1,4 @@
-"""Weight schedules and the variance-minimiser term (study.schedules, Dorta et al. 2018 Eq. 14)."""
+"""Weight schedules (study.schedules) and the variance-minimiser term (study.objectives), Dorta et al. 2018 Eq. 14."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from study.schedules import (
     StepScheduleConfig,
     build_schedule,
     paper_variance_minimiser_schedule,
-    variance_minimiser_loss,
 )
+from study.objectives import variance_minimiser_loss
 
 
 def test_paper_default_step() -> None:
