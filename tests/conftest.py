@@ -39,6 +39,23 @@ def prepared_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def structured_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_32: Path) -> Path:
+    """The checkpoint directory (``state.pt``, ``config.yaml``) of a tiny structured-likelihood VAE trained for one
+    epoch on the real sample at 32 x 32: the trained model the model-registry and generate tests log and load."""
+    from study.config import TrialConfig
+    from study.train import run_trial
+
+    config = TrialConfig.model_validate({
+        "data_dir": str(prepared_32), "model": {"latent_dim": 8, "width": 8},
+        "likelihood": {"family": "structured"},
+        "train": {"epochs": 1, "batch_size": 8, "grid_size": 4, "device": "cpu"},
+    })
+    work = tmp_path_factory.mktemp("structured_trial")
+    run_trial(config, workdir=work)
+    return work / "checkpoint"
+
+
 def tiny_trial_config(data_dir: Path, **train):
     """A seconds-long CPU trial config (small model) on prepared data; a checkpoint every epoch unless ``train``
     sets ``checkpoint_interval_s`` (the tests of resumption and per-epoch checkpoint contents rely on one)."""

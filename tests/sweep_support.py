@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +193,14 @@ def listening_addresses(sessions: list[int]) -> set[str]:
         if any(int(p) in pids for p in re.findall(r"pid=(\d+)", line)):
             found.add(line.split()[4])
     return found
+
+
+def http_answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status: Ray's dashboard wants its token)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False

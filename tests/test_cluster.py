@@ -13,8 +13,6 @@ import json
 import secrets
 import shutil
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from tests.sweep_support import (
     child_runs,
     end_session,
     free_port,
+    http_answers,
     listening_addresses,
     stage_env,
     start,
@@ -57,17 +56,6 @@ def _node_ports() -> list[str]:
     return ports
 
 
-def _answers(url: str) -> bool:
-    """Whether an HTTP server answers at ``url`` (any status: Ray's dashboard wants the token)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
@@ -92,7 +80,7 @@ def cluster(tmp_path_factory):
             REPO, env, root / "head.log",
         )
         sessions.append(head.pid)
-        wait_for(lambda: _answers(f"http://127.0.0.1:{dashboard}/api/version") or None, 120, "the Ray head",
+        wait_for(lambda: http_answers(f"http://127.0.0.1:{dashboard}/api/version") or None, 120, "the Ray head",
                  proc=head, log=root / "head.log")
         worker = start(
             [*LAUNCH, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
@@ -103,7 +91,7 @@ def cluster(tmp_path_factory):
         sessions.append(worker.pid)
         wait_for(lambda: "node_b" in _ray(env, "status", f"--address=127.0.0.1:{gcs}"), 120, "the second node",
                  poll_s=2, proc=worker, log=root / "worker.log")
-        wait_for(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health"), 120, "the MLflow server",
+        wait_for(lambda: http_answers(f"http://127.0.0.1:{mlflow_port}/health"), 120, "the MLflow server",
                  proc=mlflow, log=root / "mlflow.log")
         yield {"root": root, "env": env, "gcs": gcs, "dashboard": dashboard,
                "mlflow_uri": f"http://127.0.0.1:{mlflow_port}", "sessions": sessions}

@@ -34,24 +34,15 @@ def _quantised(x: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def structured_run(tmp_path_factory, prepared_32):
+def structured_run(tmp_path_factory, structured_checkpoint):
     from mlflow.tracking import MlflowClient
 
-    from study.config import TrialConfig
-    from study.train import run_trial
-
     work = tmp_path_factory.mktemp("generate")
-    config = TrialConfig.model_validate({
-        "data_dir": str(prepared_32), "model": {"latent_dim": 8, "width": 8},
-        "likelihood": {"family": "structured"},
-        "train": {"epochs": 1, "batch_size": 8, "grid_size": 4, "device": "cpu"},
-    })
-    run_trial(config, workdir=work / "trial")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("gen", artifact_location=str(work / "mlartifacts")))
     for name in ("state.pt", "config.yaml"):
-        client.log_artifact(run.info.run_id, str(work / "trial" / "checkpoint" / name), "checkpoint")
+        client.log_artifact(run.info.run_id, str(structured_checkpoint / name), "checkpoint")
     client.set_terminated(run.info.run_id, "FINISHED")
     faces = work / "faces"
     faces.mkdir()
@@ -60,7 +51,7 @@ def structured_run(tmp_path_factory, prepared_32):
     return work, uri, client, run.info.run_id, faces
 
 
-def test_generate_from_a_run_id(tmp_path, structured_run):
+def test_generate_from_a_run_id(tmp_path, structured_run, structured_checkpoint):
     from pipelines.generate import main
     from study.data.celeba import preprocess
     from study.train import load_checkpoint
@@ -72,7 +63,7 @@ def test_generate_from_a_run_id(tmp_path, structured_run):
     info = json.loads((out / "generate.json").read_text())
     assert info["files"] == ["samples.png", "residuals.png", "reconstructions.png", "reconstruction_residuals.png"]
 
-    _, model, _ = load_checkpoint(work / "trial" / "checkpoint", "cpu")
+    _, model, _ = load_checkpoint(structured_checkpoint, "cpu")
     z = torch.randn(NUM, model.latent_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         means = model.likelihood.mean(model.decode(z))
@@ -99,13 +90,13 @@ def test_generate_from_a_run_id(tmp_path, structured_run):
     assert _tiles(out / "reconstruction_residuals.png", 4, 3).shape[0] == 12  # input, mu, eps, mu + eps
 
 
-def test_generate_from_the_registered_model(tmp_path, structured_run):
+def test_generate_from_the_registered_model(tmp_path, structured_run, structured_checkpoint):
     from pipelines.generate import main
     from study.model_registry import register_run
     from study.train import load_checkpoint
 
     work, uri, client, run_id, _ = structured_run
-    _, model, _ = load_checkpoint(work / "trial" / "checkpoint", "cpu")
+    _, model, _ = load_checkpoint(structured_checkpoint, "cpu")
     example = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(1))
     record = register_run(client, uri, "gen-structured", run_id, "champion", example)
     by_run, by_uri = tmp_path / "run", tmp_path / "uri"

@@ -25,23 +25,15 @@ EXPERIMENT = "tiny"
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory, prepared_32):
+def trained_runs(tmp_path_factory, prepared_32, structured_checkpoint):
     """Two finished MLflow runs holding a trained checkpoint (``checkpoint/``), as a sweep trial and a seed
     replicate leave them; the store's URI, client and the real test images."""
     from mlflow.tracking import MlflowClient
 
-    from study.config import TrialConfig
     from study.data.loader import DeviceSplit
-    from study.train import run_trial
 
     work = tmp_path_factory.mktemp("registry")
-    config = TrialConfig.model_validate({
-        "data_dir": str(prepared_32), "model": {"latent_dim": 8, "width": 8},
-        "likelihood": {"family": "structured"},
-        "train": {"epochs": 1, "batch_size": 8, "grid_size": 4, "device": "cpu"},
-    })
-    run_trial(config, workdir=work / "trial")
-    checkpoint = work / "trial" / "checkpoint"
+    checkpoint = structured_checkpoint
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(work / "mlartifacts"))

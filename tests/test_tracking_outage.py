@@ -18,28 +18,16 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.sweep_support import (
-    child_runs, end_session, free_port, stage_env, start, steps, tiny_params, wait_for, write_params,
+    child_runs, end_session, free_port, http_answers, stage_env, start, steps, tiny_params, wait_for, write_params,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
 
 
 class MlflowServer:
@@ -61,7 +49,7 @@ class MlflowServer:
             self.root, env, self.root / "mlflow.log",
         )
         try:
-            wait_for(lambda: _answers(f"{self.url}/health"), 300, "the MLflow server", proc=self.proc,
+            wait_for(lambda: http_answers(f"{self.url}/health"), 300, "the MLflow server", proc=self.proc,
                      log=self.root / "mlflow.log")
         except BaseException:
             self.stop()
@@ -71,7 +59,7 @@ class MlflowServer:
         if self.proc is not None:
             end_session(self.proc.pid)
             self.proc = None
-        wait_for(lambda: not _answers(f"{self.url}/health"), 30, "the MLflow server to stop")
+        wait_for(lambda: not http_answers(f"{self.url}/health"), 30, "the MLflow server to stop")
 
 
 @pytest.fixture()
