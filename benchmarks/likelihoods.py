@@ -75,7 +75,7 @@ def _make_step(case: str, kind: str, batch: int, size: int, channels: int, devic
         def step() -> None:
             out = model(x)
             kl = 0.5 * (out["mu"].square() + out["logvar"].exp() - 1.0 - out["logvar"]).sum(1)
-            (kl - lik.log_prob(x, out["params"])).mean().backward()
+            (kl - lik.log_prob(x, out["dist_params"])).mean().backward()
             model.zero_grad(set_to_none=True)
 
         return step

@@ -109,7 +109,7 @@ def evaluate_model(
     Two model protocols:
 
     - **VAE** (``hasattr(model, "likelihood")``, e.g. :class:`study.models.vae.VAE`): ``encode(x) -> (mu, logvar)``,
-      ``decode(z) -> params``, ``likelihood.mean(params)``, ``likelihood.elbo_valid`` and
+      ``decode(z) -> dist_params``, ``likelihood.mean(dist_params)``, ``likelihood.elbo_valid`` and
       ``sample_prior(n, generator=...)``. All metrics are attempted.
     - **generic** (no ``likelihood``, e.g. :class:`study.models.avae.AVAE`): ``reconstruct(x)`` (or else
       ``reconstruct_generator(x)``) and, for sample metrics, ``sample_images(n)`` (or else ``sample(n)``); each is
@@ -254,14 +254,14 @@ def evaluate_model(
 
 
 def _color_from_manifest(data_dir: str | Path, channels: int) -> str:
-    """The prepared data's colour (manifest ``color`` or ``params.color``), else inferred from the channel count."""
+    """The prepared data's colour (manifest ``color`` or ``dist_params.color``), else inferred from the channel count."""
     from study.data.store import read_manifest
 
     try:
         manifest = read_manifest(data_dir)
     except FileNotFoundError:
         manifest = {}
-    color = manifest.get("color") or (manifest.get("params") or {}).get("color")
+    color = manifest.get("color") or (manifest.get("dist_params") or {}).get("color")
     if color in _CHANNELS and _CHANNELS[color] == channels:
         return color
     return "grey" if channels == 1 else "rgb"
@@ -283,7 +283,7 @@ def evaluate_checkpoint(
         data_dir: a prepared directory (``manifest.json`` + ``<split>.npy``), hash-checked on load.
         split: ``test`` (default), ``val`` or ``train``; also the metric prefix unless ``prefix`` is given.
         device: where to run (default: CUDA when available, else CPU).
-        color: the images' colour space; default from the manifest (``params.color``) or the channel count.
+        color: the images' colour space; default from the manifest (``dist_params.color``) or the channel count.
         **kwargs: passed to :func:`evaluate_model` (``num_importance_samples``, ``batch_size``, ``seed``, ...).
 
     Returns:

@@ -106,10 +106,10 @@ def _model_device(model: object) -> torch.device:
 
 def _accepts_generator(fn: Callable[..., Any]) -> bool:
     try:
-        params = inspect.signature(fn).parameters
+        parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "generator" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _to_pixel_space(x: Tensor, color: str) -> Tensor:

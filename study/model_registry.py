@@ -111,9 +111,9 @@ class ServableModel(nn.Module):
         """
         if not self.has_residual:
             raise AttributeError(f"the {self.family} likelihood has no correlated residual samples")
-        params = self.model.decode(z.to(self._device(), torch.float32))
-        mu = self.model.likelihood.mean(params)
-        eps = self.model.likelihood.sample_residual(params, generator=generator)
+        dist_params = self.model.decode(z.to(self._device(), torch.float32))
+        mu = self.model.likelihood.mean(dist_params)
+        eps = self.model.likelihood.sample_residual(dist_params, generator=generator)
         if eps.shape[1] < mu.shape[1]:  # YCbCr: residual of Y alone
             eps = torch.cat([eps, torch.zeros_like(mu[:, eps.shape[1]:])], dim=1)
         return mu, eps, mu + eps

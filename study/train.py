@@ -276,8 +276,8 @@ def _write_checkpoint(
     with torch.no_grad():
         x = val.take(torch.arange(grid_n, device=val.device))  # (n, C, H, W)
         mu, _ = model.encode(x)
-        params = model.decode(mu)
-        recon = model.likelihood.mean(params).clamp(0, 1)
+        dist_params = model.decode(mu)
+        recon = model.likelihood.mean(dist_params).clamp(0, 1)
         samples = model.sample_prior(
             config.train.grid_size, generator=torch.Generator(val.device).manual_seed(config.train.seed)
         ).clamp(0, 1)
@@ -285,7 +285,7 @@ def _write_checkpoint(
             # Dorta et al. Fig. 1 / 7: the mean, one correlated residual draw eps (shown around grey 0.5) and
             # mu + eps; for YCbCr / grey data on the luma, which is what the structured likelihood models.
             eps = model.likelihood.sample_residual(
-                params, generator=torch.Generator(val.device).manual_seed(config.train.seed)
+                dist_params, generator=torch.Generator(val.device).manual_seed(config.train.seed)
             )  # (n, 1 or C, H, W)
             mu_part = recon if val.color == "rgb" else recon[:, :1]
             rows = [mu_part, 0.5 + eps, mu_part + eps]
@@ -377,13 +377,13 @@ def training_step(
     likelihood = model.likelihood
     x = to_memory_format(x, speed.channels_last)  # the likelihood sees the layout the decoder emits
     out = vae_forward(model, x, generator, speed)  # float32 outputs whatever the precision
-    params = out["params"]
+    dist_params = out["dist_params"]
     with float32_context(x.device):
-        terms = elbo_terms(likelihood.log_prob_given_z(x, params, out["z"]), out["mu"], out["logvar"])
-        mean = likelihood.mean(params)
+        terms = elbo_terms(likelihood.log_prob_given_z(x, dist_params, out["z"]), out["mu"], out["logvar"])
+        mean = likelihood.mean(dist_params)
         loss = training_loss(
             terms, beta, x, mean, variance_minimiser_alpha=alpha,
-            precision_diagonal=likelihood.precision_diagonal(params) if gamma is not None else None,
+            precision_diagonal=likelihood.precision_diagonal(dist_params) if gamma is not None else None,
             gamma_concentration=gamma.concentration if gamma else None,
             gamma_rate=gamma.rate if gamma else None,
         )
@@ -392,7 +392,7 @@ def training_step(
     optimiser.step()
     if auxiliary is not None:  # the alternating step (e.g. the blur kernel network), on detached inputs
         with float32_context(x.device):
-            aux_loss = likelihood.auxiliary_loss(x, params.detach(), out["z"].detach())
+            aux_loss = likelihood.auxiliary_loss(x, dist_params.detach(), out["z"].detach())
         auxiliary.zero_grad(set_to_none=True)
         aux_loss.backward()
         auxiliary.step()
@@ -546,7 +546,7 @@ def evaluate_split(model: VAE, split: DeviceSplit, batch_size: int, seed: int, p
         index = torch.arange(start, min(start + batch_size, len(split)), device=split.device)
         x = split.take(index)  # (B, C, H, W) model space
         out = model(x, generator=generator)
-        terms = elbo_terms(model.likelihood.log_prob_given_z(x, out["params"], out["z"]), out["mu"], out["logvar"])
+        terms = elbo_terms(model.likelihood.log_prob_given_z(x, out["dist_params"], out["z"]), out["mu"], out["logvar"])
         recon = model.likelihood.mean(model.decode(out["mu"]))
         # YCbCr: against the RGB before the conversion (Dorta et al. 2018), so the chroma downsampling error counts.
         x_m, recon_m = split.take_pixel_reference(index), _metric_space(recon, split.color)

@@ -63,7 +63,7 @@ def test_each_step_adds_the_gamma_prior_and_the_scheduled_alpha(recorded_steps):
         with torch.no_grad():
             out = model(x, generator=generator)  # the step's own z draw, replayed
             likelihood = model.likelihood
-            params = out["params"]
+            params = out["dist_params"]
             log_lik = likelihood.log_prob(x, params).double()  # (B,)
             q = Normal(out["mu"].double(), torch.exp(0.5 * out["logvar"].double()))
             kl = kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))).sum(1)  # (B,)

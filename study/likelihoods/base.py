@@ -1,6 +1,6 @@
 """The interface every reconstruction likelihood p(x | z) implements.
 
-A likelihood turns the decoder's raw output ``params`` (B, P, H, W) into a distribution over images x
+A likelihood turns the decoder's raw output ``dist_params`` (B, P, H, W) into a distribution over images x
 (B, C, H, W) in [0, 1]. ``log_prob`` is in **nats per image, summed over pixels and channels, with every
 normalising constant and log-determinant included**, so ELBOs of different likelihoods over the same pixel
 space compare directly (as Dorta et al. 2018, Table 1, compare likelihood families by their NLL).
@@ -32,23 +32,23 @@ class Likelihood(nn.Module, ABC):
         """Decoder output channels per pixel needed for images of ``image_channels`` channels."""
 
     @abstractmethod
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
         """log p(x | z) per image.
 
         Args:
             x: images, float (B, C, H, W) in [0, 1].
-            params: decoder output, float (B, param_channels(C), H, W), unconstrained.
+            dist_params: decoder output, float (B, param_channels(C), H, W), unconstrained.
 
         Returns:
             float (B,) in nats per image (summed over all modelled dimensions).
         """
 
     @abstractmethod
-    def mean(self, params: Tensor) -> Tensor:
+    def mean(self, dist_params: Tensor) -> Tensor:
         """E[x | z], float (B, C, H, W), nominally in [0, 1] (not clipped)."""
 
     @abstractmethod
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One draw x ~ p(x | z), float (B, C, H, W), not clipped to [0, 1]."""
 
     # ------------------------------------------------------------------------------------ optional hooks
@@ -57,29 +57,29 @@ class Likelihood(nn.Module, ABC):
         channels, height, width = image_shape
         return channels * height * width
 
-    def log_prob_given_z(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor:
-        """log p(x | z) for ``params = decode(z)``: the entry point training and the metrics use, since some
+    def log_prob_given_z(self, x: Tensor, dist_params: Tensor, z: Tensor) -> Tensor:
+        """log p(x | z) for ``dist_params = decode(z)``: the entry point training and the metrics use, since some
         families need z itself (the blur family's kernel k_gamma(z)); default ``log_prob``.
 
         Args:
             x: images, float (B, C, H, W) in [0, 1].
-            params: decoder output for z, float (B, param_channels(C), H, W).
+            dist_params: decoder output for z, float (B, param_channels(C), H, W).
             z: the latent codes, float (B, latent_dim).
 
         Returns:
             float (B,) in nats per image, as ``log_prob``.
         """
-        return self.log_prob(x, params)
+        return self.log_prob(x, dist_params)
 
-    def sample_given_z(self, params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One draw x ~ p(x | z) for ``params = decode(z)``, from the same density ``log_prob_given_z`` scores;
+    def sample_given_z(self, dist_params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw x ~ p(x | z) for ``dist_params = decode(z)``, from the same density ``log_prob_given_z`` scores;
         default ``sample``. Float (B, C, H, W), not clipped to [0, 1]; z float (B, latent_dim)."""
-        return self.sample(params, generator=generator)
+        return self.sample(dist_params, generator=generator)
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by ``auxiliary_loss`` in an alternating step, never by the ELBO's optimiser."""
         return []
 
-    def auxiliary_loss(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor | None:
+    def auxiliary_loss(self, x: Tensor, dist_params: Tensor, z: Tensor) -> Tensor | None:
         """Scalar loss of the alternating step (e.g. the blur kernel network's), or None when there is none."""
         return None

@@ -45,7 +45,7 @@ Every choice made in the reconstruction (check them against the paper before cla
      (``elbo_valid`` True). Trained by the kernel step below; it needs z: ``log_prob_given_z`` and
      ``sample_given_z`` (the entry points the metrics use), or ``log_prob`` / ``sample`` with ``kernel=``.
 6. The alternation (as described for Bredell et al. 2023), every iteration:
-   (1) VAE step: minimise -ELBO with ``log_prob(x, params, kernel=sg(k))``, k from ``estimate_kernel``;
+   (1) VAE step: minimise -ELBO with ``log_prob(x, dist_params, kernel=sg(k))``, k from ``estimate_kernel``;
    (2) kernel step (network only): minimise ``kernel_loss(x, sg(x_hat), sg(z))`` = per-image
        ||sg(x_hat) - k_gamma(sg(z)) (*) x||^2 (mean over the batch) w.r.t. the kernel network only.
 7. Sampling draws from the kernel the density uses (``sample_given_z``): for ``"network"`` k_gamma(z), the
@@ -129,7 +129,7 @@ def wiener_weights(kernel: Tensor, shape: tuple[int, int], wiener_c: float, eps:
 class BlurErrorLikelihood(Likelihood):
     """Blur-error (Wiener-weighted) Gaussian likelihood after Bredell et al. 2023 (reconstruction, see module).
 
-    The decoder outputs C channels; the mean is ``sigmoid(params)`` in (0, 1). The covariance is circulant per
+    The decoder outputs C channels; the mean is ``sigmoid(dist_params)`` in (0, 1). The covariance is circulant per
     channel with precision spectrum ``wiener_weights(k)``, k one blur kernel per image.
 
     Args:
@@ -210,7 +210,7 @@ class BlurErrorLikelihood(Likelihood):
 
         Args:
             x: input images, float (B, C, H, W) in [0, 1].
-            x_hat: reconstructions (``mean(params)``), float (B, C, H, W) in [0, 1]; detached here.
+            x_hat: reconstructions (``mean(dist_params)``), float (B, C, H, W) in [0, 1]; detached here.
             z: latent codes, float (B, latent_dim); required (and the only input used) for ``"network"``.
 
         Returns:
@@ -250,19 +250,19 @@ class BlurErrorLikelihood(Likelihood):
         predicted = circular_blur(x.detach(), kernel)  # (B, C, H, W)
         return (x_hat.detach() - predicted).square().flatten(1).sum(1).mean()
 
-    def log_prob_given_z(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor:
+    def log_prob_given_z(self, x: Tensor, dist_params: Tensor, z: Tensor) -> Tensor:
         """``log_prob`` with the kernel from ``estimate_kernel(x, sg(mean), z)`` (needed by the network)."""
-        kernel = self.estimate_kernel(x, self.mean(params).detach(), z)
-        return self.log_prob(x, params, kernel=kernel)
+        kernel = self.estimate_kernel(x, self.mean(dist_params).detach(), z)
+        return self.log_prob(x, dist_params, kernel=kernel)
 
     def auxiliary_parameters(self) -> list[torch.nn.Parameter]:
         return self.kernel_parameters()
 
-    def auxiliary_loss(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor | None:
+    def auxiliary_loss(self, x: Tensor, dist_params: Tensor, z: Tensor) -> Tensor | None:
         """The kernel step of the alternation (network estimator only)."""
         if self.kernel_net is None:
             return None
-        return self.kernel_loss(x, self.mean(params), z)
+        return self.kernel_loss(x, self.mean(dist_params), z)
 
     def precision_spectrum(self, kernel: Tensor, shape: tuple[int, int]) -> Tensor:
         """``wiener_weights`` with this likelihood's C and eps: float (B, H, W) lambda, a detached constant."""
@@ -281,14 +281,14 @@ class BlurErrorLikelihood(Likelihood):
         scale = torch.exp(-2.0 * self.log_noise_sigma.to(like.dtype))
         return lam.unsqueeze(1) * scale  # (B, 1, H, W)
 
-    def log_prob(self, x: Tensor, params: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """log N(x; sigmoid(params), Sigma_k) per image, with the circulant Wiener precision.
+    def log_prob(self, x: Tensor, dist_params: Tensor, kernel: Tensor | None = None) -> Tensor:
+        """log N(x; sigmoid(dist_params), Sigma_k) per image, with the circulant Wiener precision.
 
         Args:
             x: images, float (B, C, H, W) in [0, 1].
-            params: decoder output, float (B, C, H, W), unconstrained.
+            dist_params: decoder output, float (B, C, H, W), unconstrained.
             kernel: float (B, k, k) or (k, k) blur kernel(s) (any odd/even size <= H, W), treated as a constant
-                (detached). None: estimated with ``estimate_kernel(x, sg(mean(params)))`` for ``"wiener_ls"``.
+                (detached). None: estimated with ``estimate_kernel(x, sg(mean(dist_params)))`` for ``"wiener_ls"``.
 
         Returns:
             float (B,), nats per image summed over C * H * W dimensions, log-determinant included.
@@ -296,14 +296,14 @@ class BlurErrorLikelihood(Likelihood):
         Raises:
             ValueError: shape mismatch, a kernel larger than the image, or ``"network"`` without a kernel.
         """
-        if x.shape != params.shape or x.dim() != 4:
-            raise ValueError(f"x and params must both be (B, C, H, W); got {tuple(x.shape)}, {tuple(params.shape)}")
+        if x.shape != dist_params.shape or x.dim() != 4:
+            raise ValueError(f"x and dist_params must both be (B, C, H, W); got {tuple(x.shape)}, {tuple(dist_params.shape)}")
         # torch.fft has no bfloat16 and half only for powers of 2: work in at least float32 (AMP-safe).
-        work = torch.promote_types(params.dtype, torch.float32)
-        x, mu = x.to(work), self.mean(params.to(work))  # (B, C, H, W)
+        work = torch.promote_types(dist_params.dtype, torch.float32)
+        x, mu = x.to(work), self.mean(dist_params.to(work))  # (B, C, H, W)
         if kernel is None:
             if self.estimator == "network":
-                raise ValueError("estimator='network': pass kernel=estimate_kernel(x, mean(params), z)")
+                raise ValueError("estimator='network': pass kernel=estimate_kernel(x, mean(dist_params), z)")
             kernel = self.estimate_kernel(x, mu)  # (B, k, k), stop-gradient
         lam = self._lambda(kernel, x)  # (B, 1, H, W)
         channels, dims = x.shape[1], x.shape[-2] * x.shape[-1]
@@ -313,17 +313,17 @@ class BlurErrorLikelihood(Likelihood):
         log_det_precision = channels * lam.log().flatten(1).sum(1)  # (B or 1,), = -log|Sigma_k| over channels
         return -0.5 * quad + 0.5 * log_det_precision - 0.5 * channels * dims * _LOG_2PI  # (B,)
 
-    def mean(self, params: Tensor) -> Tensor:
-        return torch.sigmoid(params)
+    def mean(self, dist_params: Tensor) -> Tensor:
+        return torch.sigmoid(dist_params)
 
-    def sample_given_z(self, params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_given_z(self, dist_params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One draw x ~ p(x | z) with the kernel the density uses: k_gamma(z) for ``"network"`` (the kernel of
         ``log_prob_given_z``), the delta for ``"wiener_ls"`` (module docstring, choice 7).
 
         Args:
-            params: decoder output, float (B, C, H, W).
-            z: the latent codes that produced ``params``, float (B, latent_dim).
-            generator: optional torch.Generator on ``params``' device.
+            dist_params: decoder output, float (B, C, H, W).
+            z: the latent codes that produced ``dist_params``, float (B, latent_dim).
+            generator: optional torch.Generator on ``dist_params``' device.
 
         Returns:
             float (B, C, H, W), not clipped to [0, 1]; see ``sample``.
@@ -333,10 +333,10 @@ class BlurErrorLikelihood(Likelihood):
             assert self.kernel_net is not None
             with torch.no_grad():
                 kernel = self.kernel_net(z.detach())  # (B, k, k)
-        return self.sample(params, generator=generator, kernel=kernel)
+        return self.sample(dist_params, generator=generator, kernel=kernel)
 
     def sample(
-        self, params: Tensor, generator: torch.Generator | None = None, kernel: Tensor | None = None
+        self, dist_params: Tensor, generator: torch.Generator | None = None, kernel: Tensor | None = None
     ) -> Tensor:
         """One draw x = mu + e, e ~ N(0, Sigma_k), float (B, C, H, W), not clipped to [0, 1].
 
@@ -348,10 +348,10 @@ class BlurErrorLikelihood(Likelihood):
         Raises:
             ValueError: ``"network"`` without a kernel.
         """
-        mu = self.mean(params.to(torch.promote_types(params.dtype, torch.float32)))  # (B, C, H, W)
+        mu = self.mean(dist_params.to(torch.promote_types(dist_params.dtype, torch.float32)))  # (B, C, H, W)
         if kernel is None:
             if self.estimator == "network":
-                raise ValueError("estimator='network' samples with k_gamma(z): use sample_given_z(params, z) or "
+                raise ValueError("estimator='network' samples with k_gamma(z): use sample_given_z(dist_params, z) or "
                                  "pass kernel=")
             # A 1 x 1 delta has the same OTF (K == 1) as any centred delta and fits every image size.
             kernel = delta_kernel(1, dtype=mu.dtype, device=mu.device)  # (1, 1)

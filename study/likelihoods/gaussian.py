@@ -60,31 +60,31 @@ class GaussianLikelihood(Likelihood):
     def param_channels(self, image_channels: int) -> int:
         return 2 * image_channels if self.sigma_mode == "per_pixel" else image_channels
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+    def _split(self, dist_params: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log sigma), each broadcastable to (B, C, H, W)."""
         if self.sigma_mode == "per_pixel":
-            raw_mu, raw_sigma = params.chunk(2, dim=1)  # (B, C, H, W) each
+            raw_mu, raw_sigma = dist_params.chunk(2, dim=1)  # (B, C, H, W) each
             sigma = self.min_sigma + F.softplus(raw_sigma)
             return torch.sigmoid(raw_mu), torch.log(sigma)
         if self.sigma_mode == "learned_global":
             sigma = self.min_sigma + self.log_sigma.exp()
-            return torch.sigmoid(params), torch.log(sigma).expand_as(params)
-        return torch.sigmoid(params), self.log_sigma.expand_as(params)
+            return torch.sigmoid(dist_params), torch.log(sigma).expand_as(dist_params)
+        return torch.sigmoid(dist_params), self.log_sigma.expand_as(dist_params)
 
-    def sigma(self, params: Tensor) -> Tensor:
+    def sigma(self, dist_params: Tensor) -> Tensor:
         """Per-pixel standard deviation, float (B, C, H, W), > 0, in [0, 1] image units."""
-        return self._split(params)[1].exp()
+        return self._split(dist_params)[1].exp()
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        mu, log_sigma = self._split(params)
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
+        mu, log_sigma = self._split(dist_params)
         z = (x - mu) * torch.exp(-log_sigma)
         per_dim = -0.5 * z.square() - log_sigma - _HALF_LOG_2PI  # (B, C, H, W)
         return per_dim.flatten(1).sum(1)  # (B,)
 
-    def mean(self, params: Tensor) -> Tensor:
-        return self._split(params)[0]
+    def mean(self, dist_params: Tensor) -> Tensor:
+        return self._split(dist_params)[0]
 
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        mu, log_sigma = self._split(params)
+    def sample(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mu, log_sigma = self._split(dist_params)
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + log_sigma.exp() * noise

@@ -60,31 +60,31 @@ class LaplaceLikelihood(Likelihood):
     def param_channels(self, image_channels: int) -> int:
         return 2 * image_channels if self.scale_mode == "per_pixel" else image_channels
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+    def _split(self, dist_params: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log b), each broadcastable to (B, C, H, W)."""
         if self.scale_mode == "per_pixel":
-            raw_mu, raw_scale = params.chunk(2, dim=1)  # (B, C, H, W) each
+            raw_mu, raw_scale = dist_params.chunk(2, dim=1)  # (B, C, H, W) each
             b = self.min_scale + F.softplus(raw_scale)
             return torch.sigmoid(raw_mu), torch.log(b)
         if self.scale_mode == "learned_global":
             b = self.min_scale + self.log_scale.exp()
-            return torch.sigmoid(params), torch.log(b).expand_as(params)
-        return torch.sigmoid(params), self.log_scale.expand_as(params)
+            return torch.sigmoid(dist_params), torch.log(b).expand_as(dist_params)
+        return torch.sigmoid(dist_params), self.log_scale.expand_as(dist_params)
 
-    def scale(self, params: Tensor) -> Tensor:
+    def scale(self, dist_params: Tensor) -> Tensor:
         """Per-pixel Laplace scale b, float (B, C, H, W), > 0, in [0, 1] image units (std = sqrt(2) b)."""
-        return self._split(params)[1].exp()
+        return self._split(dist_params)[1].exp()
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        mu, log_b = self._split(params)
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
+        mu, log_b = self._split(dist_params)
         per_dim = -(x - mu).abs() * torch.exp(-log_b) - log_b - _LOG_2  # (B, C, H, W)
         return per_dim.flatten(1).sum(1)  # (B,)
 
-    def mean(self, params: Tensor) -> Tensor:
-        return self._split(params)[0]
+    def mean(self, dist_params: Tensor) -> Tensor:
+        return self._split(dist_params)[0]
 
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        mu, log_b = self._split(params)
+    def sample(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mu, log_b = self._split(dist_params)
         # Laplace(0, 1) = E1 - E2 with E ~ Exp(1) = -log(1 - U); 1 - U lies in (0, 1], so the draw is finite.
         u = torch.rand((2, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)  # (2, B, C, H, W)
         noise = torch.log1p(-u[1]) - torch.log1p(-u[0])

@@ -51,18 +51,18 @@ class _DeterministicLoss(Likelihood):
     def param_channels(self, image_channels: int) -> int:
         return image_channels
 
-    def mean(self, params: Tensor) -> Tensor:
-        return torch.sigmoid(params)
+    def mean(self, dist_params: Tensor) -> Tensor:
+        return torch.sigmoid(dist_params)
 
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The mean: a loss has no noise model to draw from."""
-        return self.mean(params)
+        return self.mean(dist_params)
 
     @staticmethod
-    def _check_shapes(x: Tensor, params: Tensor) -> None:
-        if x.dim() != 4 or x.shape != params.shape:
-            raise ValueError(f"expected x and params of equal shape (B, C, H, W), got {tuple(x.shape)} and "
-                             f"{tuple(params.shape)}")
+    def _check_shapes(x: Tensor, dist_params: Tensor) -> None:
+        if x.dim() != 4 or x.shape != dist_params.shape:
+            raise ValueError(f"expected x and dist_params of equal shape (B, C, H, W), got {tuple(x.shape)} and "
+                             f"{tuple(dist_params.shape)}")
 
 
 # -------------------------------------------------------------------------------------------------- SSIM
@@ -200,10 +200,10 @@ class SSIMLoss(_DeterministicLoss):
         p = self._pad
         return full[..., p:-p, p:-p].flatten(1).mean(1)  # (B,)
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
         """-weight * (1 - SSIM(mean, x)), float (B,); not a log-density (``elbo_valid = False``)."""
-        self._check_shapes(x, params)
-        return -self.weight * (1.0 - self.similarity(x, self.mean(params)))
+        self._check_shapes(x, dist_params)
+        return -self.weight * (1.0 - self.similarity(x, self.mean(dist_params)))
 
 
 # ------------------------------------------------------------------------------------- focal frequency
@@ -304,11 +304,11 @@ class FocalFrequencyLoss(_DeterministicLoss):
         self.ave_spectrum = bool(ave_spectrum)
         self.log_matrix = bool(log_matrix)
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
         """-weight * FFL(mean, x), float (B,); not a log-density (``elbo_valid = False``)."""
-        self._check_shapes(x, params)
+        self._check_shapes(x, dist_params)
         loss = focal_frequency_loss(
-            self.mean(params), x, self.alpha, self.patch_factor, self.ave_spectrum, self.log_matrix
+            self.mean(dist_params), x, self.alpha, self.patch_factor, self.ave_spectrum, self.log_matrix
         )
         return -self.weight * loss
 
@@ -423,13 +423,13 @@ class PerceptualLoss(_DeterministicLoss):
         self.lpips.eval()  # a frozen metric network: dropout and batch statistics stay off
         return self
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
         """-weight * LPIPS(mean, x), float (B,); not a log-density (``elbo_valid = False``)."""
-        self._check_shapes(x, params)
+        self._check_shapes(x, dist_params)
         channels = x.shape[1]
         if channels not in (1, 3):
             raise ValueError(f"LPIPS needs 1- or 3-channel images, got {channels}")
-        mean = self.mean(params)
+        mean = self.mean(dist_params)
         if channels == 1:
             x, mean = x.expand(-1, 3, -1, -1), mean.expand(-1, 3, -1, -1)  # (B, 3, H, W)
         dtype = next(self.lpips.parameters()).dtype

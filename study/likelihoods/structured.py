@@ -36,7 +36,7 @@ autoregression), so ``log_prob`` <= sum_p log L_pp - (n / 2) log(2 pi) whatever 
   basis, ``basis`` is (m, 5, n_b), each block has its own n_b weights and the softmax / logsumexp above run
   over all m * n_b (block, basis) pairs. ``neighbourhood_size`` must then be 3.
 
-**Channel layout** of ``params`` (B, (1 + Q) C, H, W), quantity-major like ``GaussianLikelihood``: channel
+**Channel layout** of ``dist_params`` (B, (1 + Q) C, H, W), quantity-major like ``GaussianLikelihood``: channel
 q * C + c is quantity q of image channel c; q = 0 is the raw mean (mu = sigmoid), q = 1..Q are precision
 channels: plain [t_0, t_1 .. t_K] (Q = K + 1); basis [log w_1 .. log w_nb] (Q = n_b); dilated, block-major,
 [t_0, 4 taps] per block (Q = 5 m) or [log w_1 .. log w_nb] per block (Q = m n_b).
@@ -51,7 +51,7 @@ benchmark). Basis mode keeps the composed path (its convolutions are already few
 
 **Safety bounds** (defaults): log L_pp in [-log 1000, log 1000], i.e. a conditional standard deviation between
 1e-3 (the ``min_sigma`` floor of ``GaussianLikelihood``) and 1000 image units; plain / dilated taps bounded by
-e^hi. So ``log_prob`` is finite for any finite params and its gradients are finite (tanh saturates to zero
+e^hi. So ``log_prob`` is finite for any finite dist_params and its gradients are finite (tanh saturates to zero
 slope instead of overflowing).
 """
 
@@ -161,14 +161,14 @@ class StructuredGaussianLikelihood(Likelihood):
         """Structural non-zeros of L for one H x W channel (diagonal + in-image taps)."""
         return count_nonzeros(self.offsets, height, width)
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """(raw mean (B, C, H, W), raw precision channels (B, C, Q, H, W)) from params (B, (1 + Q) C, H, W)."""
-        if params.dim() != 4:
-            raise ValueError(f"params must be (B, P, H, W), got shape {tuple(params.shape)}")
+    def _split(self, dist_params: Tensor) -> tuple[Tensor, Tensor]:
+        """(raw mean (B, C, H, W), raw precision channels (B, C, Q, H, W)) from dist_params (B, (1 + Q) C, H, W)."""
+        if dist_params.dim() != 4:
+            raise ValueError(f"dist_params must be (B, P, H, W), got shape {tuple(dist_params.shape)}")
         q = self._precision_channels()
-        if params.shape[1] % (1 + q):
-            raise ValueError(f"params has {params.shape[1]} channels, not a multiple of {1 + q}")
-        raw = params.unflatten(1, (1 + q, params.shape[1] // (1 + q)))  # (B, 1 + Q, C, H, W)
+        if dist_params.shape[1] % (1 + q):
+            raise ValueError(f"dist_params has {dist_params.shape[1]} channels, not a multiple of {1 + q}")
+        raw = dist_params.unflatten(1, (1 + q, dist_params.shape[1] // (1 + q)))  # (B, 1 + Q, C, H, W)
         return raw[:, 0], raw[:, 1:].movedim(1, 2)  # (B, C, H, W), (B, C, Q, H, W)
 
     def _soft_clamp(self, t: Tensor) -> Tensor:
@@ -196,9 +196,9 @@ class StructuredGaussianLikelihood(Likelihood):
         ratios = basis[:, 1:, :] * torch.exp(-log_centre)[:, None, :]  # (m, K_b, n_b)
         return log_diag, torch.softmax(a, dim=2), ratios
 
-    def sparse_factor(self, params: Tensor) -> SparseCholesky:
+    def sparse_factor(self, dist_params: Tensor) -> SparseCholesky:
         """L in banded form: log_diag (B, C, H, W), ``offsets`` (K), weights (B, C, K, H, W), 1 / image units."""
-        _, raw = self._split(params)
+        _, raw = self._split(dist_params)
         m = len(self._rates)
         if self.num_basis is None:
             log_diag, taps = self._plain_terms(raw)
@@ -210,14 +210,14 @@ class StructuredGaussianLikelihood(Likelihood):
         return SparseCholesky(log_diag, self.offsets, log_diag.exp().unsqueeze(2) * coef)
 
     # ------------------------------------------------------------------------------------------ densities
-    def _whitened(self, residual: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def _whitened(self, residual: Tensor, dist_params: Tensor) -> tuple[Tensor, Tensor]:
         """(y = L^T r, log L_pp), each (B, C, H, W); r = x - mu in image units."""
         if self.num_basis is None:
-            factor = self.sparse_factor(params)
+            factor = self.sparse_factor(dist_params)
             return whiten(factor, residual), factor.log_diag
         # Basis mode as tf_mvg: one ordinary convolution per block with the n_b basis filters (centre 1, taps
         # B_b(o) / B_b(c)), then a per-pixel convex combination; no (B, C, K, H, W) tap tensor is formed.
-        _, raw = self._split(params)
+        _, raw = self._split(dist_params)
         log_diag, s, ratios = self._basis_terms(raw)
         b, c, h, w = residual.shape
         r = residual.reshape(b * c, 1, h, w)
@@ -231,65 +231,65 @@ class StructuredGaussianLikelihood(Likelihood):
         t = torch.cat(responses, dim=1).view(b, c, -1, h, w)  # (B, C, m n_b, H, W)
         return log_diag.exp() * (s * t).sum(2), log_diag
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
         """log N(x; mu, (L L^T)^{-1}) per image, summed over channels: float (B,), nats.
 
         Args:
             x: images, float (B, C, H, W) in [0, 1].
-            params: decoder output, float (B, param_channels(C), H, W), unconstrained.
+            dist_params: decoder output, float (B, param_channels(C), H, W), unconstrained.
 
         Raises:
-            ValueError: params not (B, (1 + Q) C, H, W) for x's shape.
+            ValueError: dist_params not (B, (1 + Q) C, H, W) for x's shape.
         """
-        raw_mu, _ = self._split(params)
+        raw_mu, _ = self._split(dist_params)
         if raw_mu.shape != x.shape:
-            raise ValueError(f"params imply images {tuple(raw_mu.shape)}, got x {tuple(x.shape)}")
+            raise ValueError(f"dist_params imply images {tuple(raw_mu.shape)}, got x {tuple(x.shape)}")
         if self.fused and self.num_basis is None:
-            return structured_log_prob(x, params, self.offsets, len(self._rates),
+            return structured_log_prob(x, dist_params, self.offsets, len(self._rates),
                                        (self._centre, self._half_width), self._tap_bound)
-        y, log_diag = self._whitened(x - torch.sigmoid(raw_mu), params)  # (B, C, H, W) each
+        y, log_diag = self._whitened(x - torch.sigmoid(raw_mu), dist_params)  # (B, C, H, W) each
         per_pixel = log_diag - 0.5 * y.square() - _HALF_LOG_2PI
         return per_pixel.flatten(1).sum(1)  # (B,)
 
-    def mean(self, params: Tensor) -> Tensor:
+    def mean(self, dist_params: Tensor) -> Tensor:
         """mu = sigmoid(raw mean), float (B, C, H, W) in (0, 1)."""
-        return torch.sigmoid(self._split(params)[0])
+        return torch.sigmoid(self._split(dist_params)[0])
 
-    def cholesky_log_diagonal(self, params: Tensor) -> Tensor:
+    def cholesky_log_diagonal(self, dist_params: Tensor) -> Tensor:
         """log L_pp, float (B, C, H, W) in [min_log_diagonal, max_log_diagonal]; -log of x_p's std given the
         raster-later pixels."""
-        _, raw = self._split(params)
+        _, raw = self._split(dist_params)
         if self.num_basis is not None:
             return self._basis_terms(raw)[0]
         return self._plain_terms(raw)[0]
 
-    def precision_diagonal(self, params: Tensor) -> Tensor:
+    def precision_diagonal(self, dist_params: Tensor) -> Tensor:
         """lambda_pp = (L L^T)_pp = sum_k L_pk^2 (row p of L), float (B, C, H, W), > 0, 1 / image units^2.
 
         The diagonal the Gamma prior of Dorta et al. (Eq. 13) acts on; 1 / lambda_pp is x_p's variance given
         all other pixels.
         """
-        return precision_diagonal(self.sparse_factor(params))
+        return precision_diagonal(self.sparse_factor(dist_params))
 
-    def dense_cholesky_factor(self, params: Tensor) -> Tensor:
+    def dense_cholesky_factor(self, dist_params: Tensor) -> Tensor:
         """Dense L, float (B, C, n, n), n = H W, raster order. Tests and inspection of small images only."""
-        return dense_factor(self.sparse_factor(params))
+        return dense_factor(self.sparse_factor(dist_params))
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample_residual(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_residual(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """eps ~ N(0, (L L^T)^{-1}) exactly, float (B, C, H, W), image units (Fig. 1 / 7 of the paper).
 
         Draws u ~ N(0, I) and solves L^T eps = u by row-wise banded back-substitution
         (``structured_sampling.solve_upper_banded``), so Cov(eps) = L^{-T} L^{-1} = Lambda^{-1}.
         """
-        factor = self.sparse_factor(params)
+        factor = self.sparse_factor(dist_params)
         u = torch.randn(
-            factor.log_diag.shape, generator=generator, device=params.device, dtype=factor.log_diag.dtype
+            factor.log_diag.shape, generator=generator, device=dist_params.device, dtype=factor.log_diag.dtype
         )
         return solve_upper_banded(factor, u)
 
     @torch.no_grad()
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x = mu + eps, float (B, C, H, W), not clipped to [0, 1]."""
-        return self.mean(params) + self.sample_residual(params, generator)
+        return self.mean(dist_params) + self.sample_residual(dist_params, generator)

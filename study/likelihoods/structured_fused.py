@@ -1,9 +1,9 @@
 """The structured likelihood's training path as one autograd node (plain and dilated modes, Dorta et al. 2018).
 
 ``StructuredGaussianLikelihood.log_prob`` (module ``structured``) composes a dozen small tensor operations:
-split ``params`` into mu, the log-diagonal and the K tap channels, soft-clamp, bound the taps, shift the
+split ``dist_params`` into mu, the log-diagonal and the K tap channels, soft-clamp, bound the taps, shift the
 residual K times, multiply, sum, square. Under autograd each of them allocates and saves its own full-size
-tensor, and the gradient of ``params`` is assembled from per-slice zero-filled buffers; at n_f = 5 (K = 12)
+tensor, and the gradient of ``dist_params`` is assembled from per-slice zero-filled buffers; at n_f = 5 (K = 12)
 that bookkeeping costs more than the arithmetic. ``structured_log_prob`` computes the same density,
 
     log p(x | z) = sum_p [ log L_pp - (L^T r)_p^2 / 2 - log(2 pi) / 2 ],   r = x - sigmoid(raw mu),
@@ -11,7 +11,7 @@ that bookkeeping costs more than the arithmetic. ``structured_log_prob`` compute
 
 (soft clamp s and bound b = e^max as in ``structured``; Dorta et al. 2018, Eq. 6 with Lambda = L L^T), with
 the K products accumulated in place and a hand-written backward that writes every gradient straight into one
-buffer shaped like ``params``: with g = dlog p / dy = -y (times the incoming gradient),
+buffer shaped like ``dist_params``: with g = dlog p / dy = -y (times the incoming gradient),
 
     dt_k = g r_{p+o_k} (1 - tanh^2(t_k / b)),   dr = L_pp g + sum_k shift_{-o_k}(L_{p+o_k,p} g),
     draw mu = -dr mu (1 - mu),   dlog L_pp = 1 + g L_pp r,   dt_0 = dlog L_pp s'(.) softmax_blocks(t_0).
@@ -36,7 +36,7 @@ Offset = tuple[int, int]
 
 class _StructuredLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, params: Tensor, offsets: tuple[Offset, ...], num_blocks: int,
+    def forward(ctx, x: Tensor, dist_params: Tensor, offsets: tuple[Offset, ...], num_blocks: int,
                 clamp: tuple[float, float], tap_bound: float) -> Tensor:
         channels = x.shape[1]
         h, w = x.shape[-2:]
@@ -44,7 +44,7 @@ class _StructuredLogProb(torch.autograd.Function):
         pad_h = max(di for di, _ in offsets)
         block_taps = len(offsets) // num_blocks
         centre, half_width = clamp
-        raw = params.unflatten(1, (params.shape[1] // channels, channels))  # (B, 1 + Q, C, H, W)
+        raw = dist_params.unflatten(1, (dist_params.shape[1] // channels, channels))  # (B, 1 + Q, C, H, W)
         mu = torch.sigmoid(raw[:, 0])  # (B, C, H, W)
         r = x - mu
         blocks = raw[:, 1:].unflatten(1, (num_blocks, block_taps + 1))  # (B, m, 1 + K_b, C, H, W)
@@ -72,7 +72,7 @@ class _StructuredLogProb(torch.autograd.Function):
         block_taps = len(offsets) // num_blocks
         go = grad_out.view(-1, 1, 1, 1)
         g = -y * go  # dL / dy, (B, C, H, W)
-        grad = torch.empty(  # one buffer in params' layout; every channel is written below
+        grad = torch.empty(  # one buffer in dist_params' layout; every channel is written below
             (r.shape[0], (1 + num_blocks * (block_taps + 1)) * channels, h, w), dtype=r.dtype, device=r.device
         )
         grad_raw = grad.unflatten(1, (grad.shape[1] // channels, channels))  # (B, 1 + Q, C, H, W)
@@ -98,13 +98,13 @@ class _StructuredLogProb(torch.autograd.Function):
         return grad_x, grad, None, None, None, None
 
 
-def structured_log_prob(x: Tensor, params: Tensor, offsets: tuple[Offset, ...], num_blocks: int,
+def structured_log_prob(x: Tensor, dist_params: Tensor, offsets: tuple[Offset, ...], num_blocks: int,
                         clamp: tuple[float, float], tap_bound: float) -> Tensor:
     """log N(x; mu, (L L^T)^{-1}) per image, summed over channels: float (B,), nats (module docstring).
 
     Args:
         x: images, float (B, C, H, W) in [0, 1].
-        params: float (B, (1 + m (1 + K_b)) C, H, W) in ``StructuredGaussianLikelihood``'s plain / dilated
+        dist_params: float (B, (1 + m (1 + K_b)) C, H, W) in ``StructuredGaussianLikelihood``'s plain / dilated
             layout (quantity-major; per block [t_0, K_b taps]).
         offsets: the K = m K_b raster-later offsets, block-major (``StructuredGaussianLikelihood.offsets``).
         num_blocks: m, 1 without dilations.
@@ -112,11 +112,11 @@ def structured_log_prob(x: Tensor, params: Tensor, offsets: tuple[Offset, ...], 
         tap_bound: b > 0 bounding the taps, in 1 / image units.
 
     Raises:
-        ValueError: ``params`` channels not (1 + m (1 + K_b)) C, or K not divisible by m.
+        ValueError: ``dist_params`` channels not (1 + m (1 + K_b)) C, or K not divisible by m.
     """
     if len(offsets) % num_blocks:
         raise ValueError(f"{len(offsets)} offsets do not split into {num_blocks} blocks")
     expected = (1 + num_blocks * (len(offsets) // num_blocks + 1)) * x.shape[1]
-    if params.dim() != 4 or params.shape[1] != expected or params.shape[-2:] != x.shape[-2:]:
-        raise ValueError(f"params must be (B, {expected}, H, W) for x {tuple(x.shape)}, got {tuple(params.shape)}")
-    return _StructuredLogProb.apply(x, params, tuple(offsets), int(num_blocks), clamp, float(tap_bound))
+    if dist_params.dim() != 4 or dist_params.shape[1] != expected or dist_params.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"dist_params must be (B, {expected}, H, W) for x {tuple(x.shape)}, got {tuple(dist_params.shape)}")
+    return _StructuredLogProb.apply(x, dist_params, tuple(offsets), int(num_blocks), clamp, float(tap_bound))

@@ -51,10 +51,10 @@ class YCbCrProductLikelihood(Likelihood):
         _, height, width = image_shape
         return height * width + 2 * (height // self.factor) * (width // self.factor)
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """(luma params (B, P_y, H, W), chroma params (B, P_c, H / f, W / f))."""
+    def _split(self, dist_params: Tensor) -> tuple[Tensor, Tensor]:
+        """(luma dist_params (B, P_y, H, W), chroma dist_params (B, P_c, H / f, W / f))."""
         p_y = self.luma.param_channels(1)
-        return params[:, :p_y], F.avg_pool2d(params[:, p_y:], self.factor)
+        return dist_params[:, :p_y], F.avg_pool2d(dist_params[:, p_y:], self.factor)
 
     def _chroma_data(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x[:, 1:], self.factor)  # (B, 2, H / f, W / f): the stored chroma, exactly
@@ -62,43 +62,43 @@ class YCbCrProductLikelihood(Likelihood):
     def _upsample(self, chroma: Tensor) -> Tensor:
         return F.interpolate(chroma, scale_factor=self.factor, mode="nearest")  # (B, 2, H, W)
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        p_y, p_c = self._split(params)
+    def log_prob(self, x: Tensor, dist_params: Tensor) -> Tensor:
+        p_y, p_c = self._split(dist_params)
         return self.luma.log_prob(x[:, :1], p_y) + self.chroma.log_prob(self._chroma_data(x), p_c)
 
-    def log_prob_given_z(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor:
-        p_y, p_c = self._split(params)
+    def log_prob_given_z(self, x: Tensor, dist_params: Tensor, z: Tensor) -> Tensor:
+        p_y, p_c = self._split(dist_params)
         return self.luma.log_prob_given_z(x[:, :1], p_y, z) + self.chroma.log_prob(self._chroma_data(x), p_c)
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         return self.luma.auxiliary_parameters()
 
-    def auxiliary_loss(self, x: Tensor, params: Tensor, z: Tensor) -> Tensor | None:
-        return self.luma.auxiliary_loss(x[:, :1], self._split(params)[0], z)
+    def auxiliary_loss(self, x: Tensor, dist_params: Tensor, z: Tensor) -> Tensor | None:
+        return self.luma.auxiliary_loss(x[:, :1], self._split(dist_params)[0], z)
 
-    def mean(self, params: Tensor) -> Tensor:
-        p_y, p_c = self._split(params)
+    def mean(self, dist_params: Tensor) -> Tensor:
+        p_y, p_c = self._split(dist_params)
         return torch.cat([self.luma.mean(p_y), self._upsample(self.chroma.mean(p_c))], dim=1)  # (B, 3, H, W)
 
-    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        p_y, p_c = self._split(params)
+    def sample(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        p_y, p_c = self._split(dist_params)
         chroma = self._upsample(self.chroma.sample(p_c, generator=generator))
         return torch.cat([self.luma.sample(p_y, generator=generator), chroma], dim=1)  # (B, 3, H, W)
 
-    def sample_given_z(self, params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_given_z(self, dist_params: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A draw whose luma comes from the luma family's ``sample_given_z`` (its z-dependent kernel, if any)."""
-        p_y, p_c = self._split(params)
+        p_y, p_c = self._split(dist_params)
         chroma = self._upsample(self.chroma.sample(p_c, generator=generator))
         return torch.cat([self.luma.sample_given_z(p_y, z, generator=generator), chroma], dim=1)  # (B, 3, H, W)
 
-    def precision_diagonal(self, params: Tensor) -> Tensor:
+    def precision_diagonal(self, dist_params: Tensor) -> Tensor:
         """The luma likelihood's precision diagonal (the Gamma prior of Eq. 13 is on the structured Y)."""
         if not hasattr(self.luma, "precision_diagonal"):
             raise AttributeError(f"{type(self.luma).__name__} has no precision_diagonal")
-        return self.luma.precision_diagonal(self._split(params)[0])
+        return self.luma.precision_diagonal(self._split(dist_params)[0])
 
-    def sample_residual(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_residual(self, dist_params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The luma's correlated residual eps (B, 1, H, W) (Dorta et al. Fig. 1 / 7)."""
         if not hasattr(self.luma, "sample_residual"):
             raise AttributeError(f"{type(self.luma).__name__} has no sample_residual")
-        return self.luma.sample_residual(self._split(params)[0], generator=generator)
+        return self.luma.sample_residual(self._split(dist_params)[0], generator=generator)

@@ -45,7 +45,7 @@ class VAEProtocol(Protocol):
     - ``encode(x)``: images float (B, C, H, W) in [0, 1] -> ``(mu, logvar)``, each float (B, latent_dim), the
       diagonal Gaussian posterior q(z | x) = N(mu, diag(exp(logvar))).
     - ``decode(z)``: float (B, latent_dim) -> likelihood parameters float (B, P, H, W).
-    - ``likelihood``: turns those parameters into log p(x | z) with ``log_prob_given_z(x, params, z)``, float (B,)
+    - ``likelihood``: turns those parameters into log p(x | z) with ``log_prob_given_z(x, dist_params, z)``, float (B,)
       nats per image.
     - the prior is p(z) = N(0, I).
     """
@@ -215,10 +215,10 @@ def iwae_nll(
                 k = min(per_chunk, num_samples - k0)
                 eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
                 z = mu + std * eps  # (k, G, d)
-                params = model.decode(z.reshape(k * g, -1))  # (k*G, P, H, W)
+                dist_params = model.decode(z.reshape(k * g, -1))  # (k*G, P, H, W)
                 x_rep = xg.unsqueeze(0).expand(k, *xg.shape).reshape(k * g, *xg.shape[1:])  # (k*G, C, H, W)
-                z_flat = z.reshape(k * g, -1)  # (k*G, d), row k * G + g as params and x_rep
-                log_px = model.likelihood.log_prob_given_z(x_rep, params, z_flat).view(k, g)  # (k, G)
+                z_flat = z.reshape(k * g, -1)  # (k*G, d), row k * G + g as dist_params and x_rep
+                log_px = model.likelihood.log_prob_given_z(x_rep, dist_params, z_flat).view(k, g)  # (k, G)
                 log_pz = standard_normal_log_prob(z)  # (k, G)
                 # log q(z | x) from eps directly: (z - mu)^2 / sigma^2 = eps^2, exact and cheaper.
                 log_qz = -0.5 * (eps.square() + logvar + _LOG_2PI).sum(-1)  # (k, G)

@@ -304,8 +304,8 @@ def feature_statistics(
     Raises:
         ValueError: fewer than 2 images.
     """
-    params = list(feature_extractor.parameters())
-    dev = params[0].device if params else torch.device("cpu")
+    weights = list(feature_extractor.parameters())
+    dev = weights[0].device if weights else torch.device("cpu")
     if isinstance(images, Tensor):
         batches: Iterable[Tensor] = images.split(batch_size)  # views, (<=batch_size, C, H, W) each
     else:

@@ -350,7 +350,7 @@ def network_objectives(losses: AVAELosses, beta: float, latent_weight: float = 1
 def network_gradients(
     model: AVAE, objectives: dict[str, Tensor], networks: Iterable[str] = NETWORKS
 ) -> dict[str, list[Tensor | None]]:
-    """d objective[name] / d params(name) for each named network, and nothing else.
+    """d objective[name] / d weights(name) for each named network, and nothing else.
 
     ``torch.autograd.grad`` restricted to one network's parameters means a loss can never leak into another
     network (e.g. L_Z into E, or L_dis into G), whatever the graph connects. The graph is kept so that the
@@ -358,8 +358,8 @@ def network_gradients(
     """
     grads: dict[str, list[Tensor | None]] = {}
     for name in networks:
-        params = list(model.networks()[name].parameters())
-        grads[name] = list(torch.autograd.grad(objectives[name], params, retain_graph=True, allow_unused=True))
+        weights = list(model.networks()[name].parameters())
+        grads[name] = list(torch.autograd.grad(objectives[name], weights, retain_graph=True, allow_unused=True))
     return grads
 
 

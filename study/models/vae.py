@@ -109,11 +109,11 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One reparameterised pass: ``mu``, ``logvar``, ``z`` (B, d) and decoder ``params``."""
+        """One reparameterised pass: ``mu``, ``logvar``, ``z`` (B, d) and decoder ``dist_params``."""
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps  # (B, d)
-        return {"mu": mu, "logvar": logvar, "z": z, "params": self.decode(z)}
+        return {"mu": mu, "logvar": logvar, "z": z, "dist_params": self.decode(z)}
 
     @torch.no_grad()
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -17,7 +17,7 @@ def test_shapes(resolution, mode):
     x = torch.rand(2, 3, resolution, resolution)
     out = model(x)
     assert out["mu"].shape == out["logvar"].shape == out["z"].shape == (2, 10)
-    assert out["params"].shape == (2, lik.param_channels(3), resolution, resolution)
+    assert out["dist_params"].shape == (2, lik.param_channels(3), resolution, resolution)
     assert model.sample_prior(3).shape == (3, 3, resolution, resolution)
 
 
