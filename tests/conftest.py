@@ -96,3 +96,38 @@ def prepared_ycbcr_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def prepared_grey_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample prepared at 32 x 32 as grey (the BT.601 luma) by the prepare stage."""
     return _prepare_with_stage(tmp_path_factory.mktemp("prepared_grey"), "grey")
+
+
+@pytest.fixture(scope="session")
+def dvc_study(tmp_path_factory):
+    """(work, params, log) of one complete ``dvc repro`` of the root pipeline in a temporary copy of the repository:
+    two datasets (the CelebA sample and an LSUN LMDB built from real photographs) at 32 x 32, 6 trials of up to 6 epochs under ASHA.
+    Shared by tests/test_pipeline_e2e.py and tests/test_rejected_edits.py (the rejected edits restore what they
+    change; the e2e module's last test re-runs after a sweep edit and leaves the copy up to date)."""
+    import subprocess
+
+    import yaml
+
+    from tests.dvc_support import _copy_repo, _dvc
+
+    work = tmp_path_factory.mktemp("e2e") / "study"
+    _copy_repo(work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    # A second dataset in LSUN's official LMDB format, built from real photographs.
+    from tests.data.lsun_fixtures import build_lmdb, train_test_records
+
+    train, test = train_test_records()
+    build_lmdb(work / "data" / "lsun" / "church_outdoor_train_lmdb", train)
+    build_lmdb(work / "data" / "lsun" / "church_outdoor_val_lmdb", test)
+    params["datasets"]["lsun_church"] = {"kind": "lsun", "root": "data/lsun", "val_fraction": 0.1, "seed": 0}
+    params["prepare"]["resolution"] = 32
+    params["model"].update(latent_dim=16, width=8)
+    params["train"].update(epochs=6, batch_size=8, grid_size=8)
+    params["evaluate"].update(num_importance_samples=8, num_examples=4)
+    # One trial at a time makes the order, and so ASHA's decisions, reproducible.
+    params["sweep"].update(num_trials=6, max_concurrent=1)
+    params["sweep"]["scheduler"].update(grace_period=1, reduction_factor=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    first = _dvc(work, "repro")
+    return work, params, first

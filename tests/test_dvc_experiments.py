@@ -1,8 +1,7 @@
-"""DVC experiments on the root pipeline in a temporary git copy of the repository (real stages, tiny params):
-``dvc exp run -S`` in the workspace, and a queued experiment run by the queue's worker in a temporary copy
-(``--run-all``: the worker ``dvc queue start`` starts, waited for), each listed by ``dvc exp show --json``
-with its parameter and the report's metrics, and the queued one's MLflow runs kept in the repository's own
-store rather than in the deleted copy.
+"""DVC experiments on the root pipeline in a temporary git copy of the repository (real stages, tiny params): a
+queued ``dvc exp run -S`` run by the queue's worker in a temporary copy (``--run-all``: the worker ``dvc queue
+start`` starts, waited for), listed by ``dvc exp show --json`` with its parameter and the report's metrics, its
+MLflow runs kept in the repository's own store rather than in the deleted copy.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_pipeline_e2e import _copy_repo
+from tests.dvc_support import _copy_repo
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
@@ -70,27 +69,12 @@ def exp_repo(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_exp_run_set_param_records_the_reports_metrics(exp_repo):
-    from mlflow.tracking import MlflowClient
-
-    work = exp_repo
-    _dvc(work, "exp", "run", "-S", "train.beta=2.0", "-n", "beta-2")
-    workspace = json.loads((work / "reports" / "metrics.json").read_text())
-    record = _experiment(json.loads(_dvc(work, "exp", "show", "--json", stdout_only=True)), "beta-2")
-    assert record["data"]["params"]["params.yaml"]["data"]["train"]["beta"] == 2.0
-    shown = _metrics(record)
-    assert shown["best"]["run_id"] == workspace["best"]["run_id"]
-    assert shown["best"]["val_elbo"] == pytest.approx(workspace["best"]["val_elbo"])
-    run = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}").get_run(shown["best"]["run_id"])
-    assert run.data.params["train.beta"] == "2.0"
-    # The experiment's commit holds the metrics file itself (git tracks reports/**/metrics.json).
-    committed = subprocess.run(["git", "show", f"{record['rev']}:reports/metrics.json"], cwd=work, check=True,
-                               capture_output=True, text=True).stdout
-    assert json.loads(committed) == workspace
-
-
-@pytest.mark.slow
 def test_queued_experiment_runs_in_a_temp_copy_and_logs_to_the_repos_mlflow(exp_repo):
+    """``dvc exp run --queue -S ...`` then ``--run-all``: the set parameter is what the trial trained with, ``dvc
+    exp show`` gives the report's metrics (the experiment's commit holds ``reports/metrics.json``, which git
+    tracks), and the MLflow runs are in the repository's store although the stages ran in DVC's temporary copy.
+    (One experiment covers both ways of running one: a queued one is the stricter, it runs outside the
+    workspace.)"""
     from mlflow.tracking import MlflowClient
 
     work = exp_repo
@@ -98,7 +82,11 @@ def test_queued_experiment_runs_in_a_temp_copy_and_logs_to_the_repos_mlflow(exp_
     _dvc(work, "exp", "run", "--run-all")  # the queue's Celery worker (`dvc queue start`'s), waited for
     record = _experiment(json.loads(_dvc(work, "exp", "show", "--json", stdout_only=True)), "beta-half")
     assert record["data"]["params"]["params.yaml"]["data"]["train"]["beta"] == 0.5
-    best = _metrics(record)["best"]
+    shown = _metrics(record)
+    committed = subprocess.run(["git", "show", f"{record['rev']}:reports/metrics.json"], cwd=work, check=True,
+                               capture_output=True, text=True).stdout
+    assert json.loads(committed) == shown
+    best = shown["best"]
     # Its MLflow runs are in the repository's store (the temp copy and any store in it are gone).
     run = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}").get_run(best["run_id"])
     assert run.data.params["train.beta"] == "0.5"

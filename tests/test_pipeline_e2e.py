@@ -17,56 +17,14 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-IGNORE = shutil.ignore_patterns(
-    ".venv", ".git", "data/prepared", "results", "reports", "ray_results", "mlflow.db", "mlartifacts",
-    "__pycache__", ".pytest_cache", ".hypothesis", "dvc.lock", ".dvc/cache", ".dvc/tmp", "*.pyc",
-)
-
-
-def _copy_repo(dst: Path) -> None:
-    shutil.copytree(REPO, dst, ignore=IGNORE)
-    for leftover in ("data/prepared", "results", "reports", ".dvc/cache", ".dvc/tmp"):
-        shutil.rmtree(dst / leftover, ignore_errors=True)
-
-
-def _dvc(work: Path, *args: str, stdout_only: bool = False) -> str:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=work, env=env, capture_output=True, text=True, timeout=900
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    return proc.stdout if stdout_only else out
+from tests.dvc_support import REPO, _copy_repo, _dvc  # noqa: F401 (used by other test modules too)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e") / "study"
-    _copy_repo(work)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    # A second dataset in LSUN's official LMDB format, built from real photographs.
-    from tests.data.lsun_fixtures import build_lmdb, train_test_records
-
-    train, test = train_test_records()
-    build_lmdb(work / "data" / "lsun" / "church_outdoor_train_lmdb", train)
-    build_lmdb(work / "data" / "lsun" / "church_outdoor_val_lmdb", test)
-    params["datasets"]["lsun_church"] = {"kind": "lsun", "root": "data/lsun", "val_fraction": 0.1, "seed": 0}
-    params["prepare"]["resolution"] = 32
-    params["model"].update(latent_dim=16, width=8)
-    params["train"].update(epochs=6, batch_size=8, grid_size=8)
-    params["evaluate"].update(num_importance_samples=8, num_examples=4)
-    # One trial at a time makes the order, and so ASHA's decisions, reproducible.
-    params["sweep"].update(num_trials=6, max_concurrent=1)
-    params["sweep"]["scheduler"].update(grace_period=1, reduction_factor=2)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    first = _dvc(work, "repro")
-    return work, params, first
+def study(dvc_study):
+    """The end-to-end study (tests/conftest.py ``dvc_study``: one ``dvc repro`` in a copy of the repository, shared
+    with tests/test_rejected_edits.py)."""
+    return dvc_study
 
 
 def _client(work: Path):
@@ -199,7 +157,7 @@ def test_dvc_reruns_only_what_changed(study):
     work, params, _ = study
     assert "Data and pipelines are up to date" in _dvc(work, "repro")
     params["sweep"]["searcher"]["seed"] = 1
-    params["sweep"]["num_trials"] = 2  # any sweep param; fewer trials keep the re-run short
+    params["sweep"]["num_trials"] = 1  # any sweep param; one trial keeps the re-run short
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = _dvc(work, "repro")
     assert "Stage 'prepare@celeba' didn't change, skipping" in log

@@ -1,6 +1,6 @@
 """A rejected edit keeps the last results: the whole study under DVC in a temporary copy of the repository.
 
-After one complete ``dvc repro`` (tiny: 32 x 32 images, 2 trials of 2 epochs), each edit below makes the next
+After one complete ``dvc repro`` (the end-to-end study's: 32 x 32 images, two datasets), each edit below makes the next
 ``dvc repro`` fail with a message naming what is wrong, and every output of the pipeline (``data/prepared``,
 ``results/``, ``reports/`` with the evaluation) stays byte-identical; undoing the edit leaves ``dvc status``
 with nothing to re-run, so nothing is trained again:
@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from tests.data.corruption import overwrite_mid_scan
-from tests.test_pipeline_e2e import _copy_repo, _dvc
 
 OUTPUTS = ("data/prepared", "results", "reports")
 
@@ -48,19 +47,12 @@ def _snapshot(work: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    work = tmp_path_factory.mktemp("rejected") / "study"
-    _copy_repo(work)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["prepare"]["resolution"] = 32
-    params["model"].update(latent_dim=16, width=8)
-    params["train"].update(epochs=2, batch_size=8, grid_size=4)
-    params["sweep"].update(num_trials=2, max_concurrent=2, scheduler={"kind": "fifo"}, ray_start_timeout_s=600)
-    params["evaluate"].update(num_importance_samples=4, num_examples=2)
-    params["replicate"] = {"num_seeds": 0, "output": "results/replicates.json"}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    _dvc(work, "repro")
+def study(dvc_study):
+    """The end-to-end study's copy of the repository after its complete ``dvc repro`` (tests/conftest.py
+    ``dvc_study``, shared with tests/test_pipeline_e2e.py so the whole pipeline runs once for both), up to date,
+    and the sha256 of every output."""
+    work = dvc_study[0]
+    _clean(work)
     before = _snapshot(work)
     assert any(k.startswith("reports/evaluation/") for k in before) and "results/sweep.json" in before
     return work, before
