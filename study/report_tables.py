@@ -336,7 +336,8 @@ def paper_tables(df: pd.DataFrame, prefix: str = "test", seeds: Seeds | None = N
     """
     tables = {name: build(df, prefix, seeds=seeds) for name, build in TABLES.items()}
     if num_images is not None:
-        tables = {name: (markdown.replace("over test images", f"over {num_images} test images"), csv)
+        # The captions' "mean +- std over test images"; column headers (the seed tables' spread label) stay.
+        tables = {name: (markdown.replace("std over test images", f"std over {num_images} test images"), csv)
                   for name, (markdown, csv) in tables.items()}
     return tables
 

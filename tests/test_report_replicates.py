@@ -253,7 +253,7 @@ def test_without_replicates_the_tables_are_single_trial(tmp_path):
     assert replicate_metrics(evaluation, per_image) is None
     rows = [{"family": r["family"], "setting": arm, "run_id": r["run_id"], "elbo_valid": r["elbo_valid"]}
             | r["metrics"] | {name: float("nan") for name in r["unavailable"]} for arm, r in evaluation["arms"].items()]
-    for name, (markdown, csv) in paper_tables(pd.DataFrame(rows)).items():
+    for name, (markdown, csv) in paper_tables(pd.DataFrame(rows), num_images=evaluation["num_images"]).items():
         assert written[f"{name}.md"].read_text() == markdown and written[f"{name}.csv"].read_text() == csv
         assert "seeds" not in csv and SPREAD_LABEL not in markdown
     frame = pd.read_csv(io.StringIO(written["dorta_table2.csv"].read_text())).set_index("setting")

@@ -109,9 +109,10 @@ def test_all_tables(trials):
     # With the number of test images, every caption that gives a +- over images says over how many.
     counted = paper_tables(trials, num_images=4)
     for name, (md, _) in tables.items():
-        spread = md.count("over test images")
-        assert counted[name][0].count("over 4 test images") == spread and "over test images" not in counted[name][0]
-    assert sum(md.count("over test images") for md, _ in tables.values()) >= 4
+        spread = md.count("std over test images")
+        assert counted[name][0].count("std over 4 test images") == spread
+        assert "std over test images" not in counted[name][0]
+    assert sum(md.count("std over test images") for md, _ in tables.values()) >= 4
     # An empty frame still gives well-formed (empty) tables.
     for md, text in paper_tables(pd.DataFrame(columns=["family", "setting", "run_id", "elbo_valid"])).values():
         assert md.count("\n|---") == 1 and text.splitlines()[0].startswith("family,setting,run_id")
