@@ -68,8 +68,13 @@ def source_tags(entry_point: str, directory: str | Path | None = None) -> dict[s
     return tags
 
 
-def split_dataset(data_dir: str | Path, split: str) -> Dataset:
+def split_dataset(data_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> Dataset:
     """The prepared split ``split`` of ``data_dir`` as an MLflow dataset (see the module docstring).
+
+    Args:
+        data_dir: a prepared directory (``manifest.json`` + ``<split>.npy``).
+        split: e.g. ``train``.
+        manifest: that directory's manifest, when the caller has read it already.
 
     Raises:
         FileNotFoundError: no manifest in ``data_dir``.
@@ -78,7 +83,7 @@ def split_dataset(data_dir: str | Path, split: str) -> Dataset:
     from study.data.store import read_manifest
 
     data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
     entry = manifest["splits"][split]
     path = (data_dir / entry["file"]).resolve()
     schema = {"type": "ndarray", "shape": list(entry.get("shape", [])), "dtype": entry.get("dtype", "uint8")}
@@ -94,15 +99,15 @@ def log_splits(client: MlflowClient, run_id: str, data_dir: str | Path, contexts
 
     if not (Path(data_dir) / MANIFEST).is_file():
         return  # data only the workers see (a cluster without shared storage): its sha256 is in data_sha256
-    present = read_manifest(data_dir)["splits"]
-    inputs = [DatasetInput(split_dataset(data_dir, split), tags=[InputTag(DATASET_CONTEXT_TAG, context)])
-              for split, context in contexts.items() if split in present]
+    manifest = read_manifest(data_dir)  # once: every trial start passes here
+    inputs = [DatasetInput(split_dataset(data_dir, split, manifest), tags=[InputTag(DATASET_CONTEXT_TAG, context)])
+              for split, context in contexts.items() if split in manifest["splits"]]
     if inputs:
         client.log_inputs(run_id, datasets=inputs)
 
 
 def dataset_inputs(run: Any) -> dict[str, dict[str, str]]:
-    """A fetched run's dataset inputs as ``context -> {name, digest, source}`` (for tests and the report)."""
+    """A fetched run's (``MlflowClient.get_run``) dataset inputs as ``context -> {name, digest, source}``."""
     found = {}
     for item in run.inputs.dataset_inputs:
         context = next((t.value for t in item.tags if t.key == DATASET_CONTEXT_TAG), "")
